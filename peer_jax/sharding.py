@@ -1,0 +1,178 @@
+"""Mesh construction and the logical-axis vocabulary.
+
+Every parameter carries *logical* axis names (``out_sharding=("embed", "mlp")``); a rules
+table, plain data, maps each logical name to a mesh axis (or to nothing = replicated). The
+mesh always has the three axes of ``MESH_AXES``; unused ones have size 1, so the same rules
+work on one CPU and on a pod.
+
+Logical names used by the layers:
+
+=============  ===============================================================
+batch          examples in a batch (activations)
+length         sequence positions (activations)
+embed          d_model of weights and activations
+heads, kv      attention heads and head dim
+mlp            hidden dim of dense FFWs (and of each MoE expert)
+vocab          vocabulary
+experts        the expert / memory axis of PEER, PKM and MoE tables
+expert_embed   d_model of PEER/PKM expert tables (the Memory-Layers-at-Scale split)
+keys, key_dim  product sub-keys and query dim
+=============  ===============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "expert", "model")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Data parallel everywhere, tensor parallel over `model`, expert tables over `model` along
+# d_model (see layers/peer.py for why), MoE experts over `expert`.
+RULES_DEFAULT: LogicalRules = (
+    ("batch", ("data", "expert")),
+    ("length", None),
+    ("embed", None),
+    ("heads", "model"),
+    ("kv", None),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("experts", "expert"),
+    ("expert_embed", "model"),
+    ("moe_mlp", "model"),
+    ("keys", None),
+    ("key_dim", None),
+)
+
+# Pure data parallelism: every weight replicated (the single-host baseline).
+RULES_DATA_PARALLEL: LogicalRules = tuple(
+    (name, ("data", "expert", "model") if name == "batch" else None)
+    for name, _ in RULES_DEFAULT
+)
+
+# Fully sharded data parallel: weights sharded over `data` on their embed axis as well.
+RULES_FSDP: LogicalRules = tuple(
+    (name, "data") if name == "embed" else (name, axes) for name, axes in RULES_DEFAULT
+)
+
+RULE_PRESETS: dict[str, LogicalRules] = {
+    "default": RULES_DEFAULT,
+    "data_parallel": RULES_DATA_PARALLEL,
+    "fsdp": RULES_FSDP,
+}
+
+
+def get_rules(preset: str | LogicalRules) -> LogicalRules:
+    if isinstance(preset, str):
+        if preset not in RULE_PRESETS:
+            raise ValueError(
+                f"sharding rules preset {preset!r} is unknown; set `MeshConfig.rules` to one of "
+                f"{sorted(RULE_PRESETS)} or to a tuple of (logical_name, mesh_axes) pairs."
+            )
+        return RULE_PRESETS[preset]
+    return tuple(tuple(r) for r in preset)  # type: ignore[return-value]
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fill in one ``-1`` entry and check the product equals the number of devices."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(
+            f"mesh_shape={shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}; "
+            "use 1 for unused axes and -1 for 'all remaining devices'."
+        )
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh_shape={shape}: entries must be positive, with at most one -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh_shape={shape} cannot use {num_devices} devices: {num_devices} is not "
+                f"divisible by {known}. Change `make_mesh.mesh_shape`."
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh_shape={shape} (axes {MESH_AXES}) needs {math.prod(shape)} devices but "
+            f"{num_devices} are available. Change `make_mesh.mesh_shape` (e.g. use -1 for data)."
+        )
+    return shape
+
+
+def make_mesh(
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+    axis_type: AxisType = AxisType.Auto,
+) -> Mesh:
+    """Builds the (data, expert, model) mesh with explicit axis types.
+
+    Axes are `Auto`: the compiler propagates shardings from the parameter and batch
+    annotations, and the layers that need explicit communication use `jax.shard_map`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical: Sequence[str | None], rules: LogicalRules) -> P:
+    """Maps a tuple of logical axis names to a PartitionSpec (unknown names → replicated)."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(a for a in axes_t if a not in used)  # a mesh axis may appear once
+        used.update(axes_t)
+        out.append(axes_t[0] if len(axes_t) == 1 else (axes_t or None))
+    return P(*out)
+
+
+def logical_sharding(mesh: Mesh, logical: Sequence[str | None], rules: LogicalRules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, rules))
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: LogicalRules):
+    """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        spec = logical_to_spec(names, rules) if names else P()
+        return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def current_rules() -> LogicalRules:
+    """The rules set by `nnx.logical_axis_rules(...)` around tracing (empty outside)."""
+    return tuple(core_spmd.get_logical_axis_rules() or ())
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = current_rules()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules))
+
+
+def mesh_axis_size(name: str) -> int:
+    """Size of a mesh axis of the mesh in context (1 outside a mesh or if absent)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or name not in mesh.axis_names:
+        return 1
+    return mesh.shape[name]

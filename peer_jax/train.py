@@ -1,0 +1,82 @@
+"""`python -m peer_jax.train --gin_file=configs/runs/tiny_cpu.gin --workdir=DIR [--gin.X=V ...]`.
+
+Trains (or resumes, if DIR holds checkpoints) the configured model. Writes
+DIR/operative_config.gin, DIR/metrics.jsonl, DIR/compile_report.json, DIR/tensorboard and
+DIR/checkpoints. Exit status: 0 done (or preempted after saving), 2 bad configuration,
+3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peer_jax import gin_utils
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        bindings, rest = gin_utils.split_gin_args(argv)
+    except gin_utils.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser = gin_utils.common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (multi-host TPU pods)")
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import gin
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    from peer_jax.training import loop
+    from peer_jax.training.checkpoint import CheckpointError
+    from peer_jax.training.config import TrainConfig
+
+    try:
+        gin_utils.parse(args.gin_file, bindings)
+        cfg = gin.get_configurable(TrainConfig)()
+        gin.finalize()
+    except (gin_utils.ConfigError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        result = loop.train(cfg, str(workdir), on_start=lambda: _write_operative_config(workdir))
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    result["wall_time_s"] = time.time() - t0
+    if jax.process_index() == 0:
+        (workdir / "result.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+    return 0
+
+
+def _write_operative_config(workdir: Path) -> None:
+    import gin
+    import jax
+
+    if jax.process_index() == 0:
+        (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Orbax checkpoints of model, optimizer *and* data-iterator state.
+
+Saves are atomic (orbax writes into a temporary directory and renames it on commit), so a
+run killed mid-save leaves the previous checkpoint intact and the partial one is never read.
+Restores go into the abstract train state with its shardings, so every array comes back
+already placed on the mesh. A checkpoint that cannot be read into this run's state raises
+`CheckpointError` naming the path and what differs — never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def manager(directory: str, keep: int = 3, save_interval_steps: int = 1) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=save_interval_steps,
+        create=True,
+        enable_async_checkpointing=False,  # the loop's next step donates the state buffers
+    )
+    path = directory if "://" in directory else os.path.abspath(directory)
+    return ocp.CheckpointManager(path, options=options, item_names=("state", "data", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+        ),
+        force=force,
+    )
+
+
+def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None = None, expect_meta: dict | None = None):
+    """(state, data_state, meta) of `step` (default latest); None when there is none."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    path = os.path.join(str(mngr.directory), str(step))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Move it away to "
+                              "restart from the previous one, or use a new --workdir.") from e
+    if expect_meta:
+        diff = {k: (meta.get(k), v) for k, v in expect_meta.items() if meta.get(k) != v}
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {path} was written by an incompatible run: "
+                + ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+                + ". Use a new --workdir, or restore the original configuration.")
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} cannot be restored into this model/optimizer state "
+                              f"({type(e).__name__}: {str(e)[:2000]}).") from e
+    return out["state"], out["data"], meta

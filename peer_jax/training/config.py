@@ -1,0 +1,56 @@
+"""The gin-configured run description (`config.TrainConfig.*` bindings).
+
+Kept apart from `peer_jax/train.py` so that gin's dynamic registration configures the same
+class object whether training runs as `python -m peer_jax.train` or is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from peer_jax.models.transformer import Transformer
+from peer_jax.training.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model hyperparameters.
+
+    `model` is a factory `model(vocab_size, rngs=...)` (gin: `@transformer.Transformer`);
+    `optimizer` is a factory `optimizer(total_steps) -> (tx, schedule)`.
+    """
+
+    model: Callable = Transformer
+    optimizer: Callable = make_optimizer
+    # Data.
+    train_task: str = "kjv"
+    train_split: str = "train"
+    eval_tasks: Sequence[str] = ("kjv",)
+    eval_split: str = "validation"
+    vocabulary: str = "byte"  # 'byte' or 'spm'
+    spm_path: str | None = None
+    vocab_multiple: int = 128  # model vocab = vocabulary size rounded up (shardable, MXU-friendly)
+    seq_len: int = 128
+    batch_size: int = 32  # global, in sequences, per optimizer step
+    grad_accum_steps: int = 1
+    streaming: bool = False  # True for corpora that don't fit in memory (C4)
+    data_seed: int = 0
+    # Schedule.
+    num_steps: int = 200
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = 16  # None = the whole eval split
+    eval_batch_size: int | None = None  # default: batch_size
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    # Parallelism.
+    mesh_shape: Sequence[int] = (-1, 1, 1)  # (data, expert, model); -1 = the remaining devices
+    sharding_rules: str = "default"
+    seed: int = 0
+    # Logging.
+    wandb_project: str | None = None  # None: wandb disabled; else WANDB_MODE (default offline)
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Faults.
+    nonfinite: str = "stop"  # 'stop' or 'skip' (skip the update, keep going)

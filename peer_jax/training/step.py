@@ -1,0 +1,218 @@
+"""Functional train/eval steps over an explicit, sharded train state.
+
+The NNX model is split once into a static `graphdef` and pure-dict states. A train state is
+the pytree `{"params", "model_state", "opt_state", "step", "expert_mass"}` where
+`model_state` holds non-trainable variables (query-BN running statistics) and `expert_mass`
+accumulates router-score mass per expert for every PEER/PKM layer between log steps.
+Parameters are created already sharded: the initialiser is jitted with `out_shardings`
+derived from the logical axis names on each variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from peer_jax import sharding
+from peer_jax.layers import expert_stats
+
+TrainState = dict[str, Any]
+
+
+def _pure(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def collect_intermediates(model: nnx.Module) -> dict[str, jax.Array]:
+    """Pops everything the layers sowed, keyed by 'module/path/name'; tuples are summed."""
+    inter = nnx.pop(model, nnx.Intermediate)
+    out = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(inter), is_leaf=lambda x: isinstance(x, tuple)):
+        vals = value if isinstance(value, tuple) else (value,)
+        out[_path_name(path)] = sum(vals[1:], vals[0])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+    """What the steps need to know about the model, fixed at start-up."""
+
+    graphdef: Any
+    mesh: jax.sharding.Mesh
+    rules: sharding.LogicalRules
+    expert_mass_shapes: dict[str, tuple[int, ...]]  # sown expert_mass entries and their shapes
+
+
+def _split(model: nnx.Module):
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_model_state(model_factory, vocab_size: int, seed: int, mesh, rules):
+    """Builds the model with every variable created directly in its sharding.
+
+    Returns (graphdef, params, model_state, param_shardings, model_state_shardings).
+    """
+    def build():
+        return model_factory(vocab_size, rngs=nnx.Rngs(params=seed))
+
+    with nnx.logical_axis_rules(rules):
+        abstract = nnx.eval_shape(build)
+        graphdef, abs_params, abs_rest = _split(abstract)
+        p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
+        r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
+
+        def init():
+            _, p, r = _split(build())
+            return _pure(p), _pure(r)
+
+        params, rest = jax.jit(init, out_shardings=(p_shard, r_shard))()
+    return graphdef, params, rest, p_shard, r_shard
+
+
+def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the `expert_mass` entries the sparse layers sow (found by abstract evaluation)."""
+    def run(params, model_state):
+        model = nnx.merge(graphdef, params, model_state)
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        model(tokens, mask=jnp.ones((1, seq_len), bool), train=False)
+        return collect_intermediates(model)
+
+    out = jax.eval_shape(run, params, model_state)
+    return {k: v.shape for k, v in out.items() if k.endswith("expert_mass")}
+
+
+def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, seed: int,
+                       mesh, rules) -> tuple[ModelSetup, TrainState, TrainState]:
+    """(setup, state, state_shardings) with the optimizer state sharded like the parameters."""
+    graphdef, params, rest, p_shard, r_shard = init_model_state(model_factory, vocab_size, seed, mesh, rules)
+    opt_state = jax.jit(tx.init)(params)  # sharding propagates from the params
+    masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
+    replicated = NamedSharding(mesh, P())
+    state = {
+        "params": params,
+        "model_state": rest,
+        "opt_state": opt_state,
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "expert_mass": {k: jax.device_put(jnp.zeros(s, jnp.float32), replicated) for k, s in masses.items()},
+    }
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    shardings["params"], shardings["model_state"] = p_shard, r_shard
+    return ModelSetup(graphdef, mesh, rules, masses), state, shardings
+
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
+
+
+def _forward(setup: ModelSetup, params, model_state, batch, train: bool):
+    model = nnx.merge(setup.graphdef, params, model_state)
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                   mask=batch["segment_ids"] > 0, train=train)
+    inter = collect_intermediates(model)
+    _, _, new_model_state = _split(model)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return ce, inter, _pure(new_model_state)
+
+
+def make_train_step(setup: ModelSetup, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                    skip_nonfinite: bool = False):
+    """step(state, batch) -> (state, metrics). batch arrays: [grad_accum·micro, T]."""
+
+    def micro_loss(params, model_state, micro, total_tokens):
+        ce, inter, new_ms = _forward(setup, params, model_state, micro, train=True)
+        ce_sum = jnp.sum(ce * micro["weights"])
+        aux = sum((v for k, v in inter.items() if k.endswith("aux_loss")), jnp.zeros((), jnp.float32))
+        # The token-mean over the *whole* batch, so accumulated grads equal one big batch.
+        loss = ce_sum / total_tokens + aux / grad_accum_steps
+        return loss, (ce_sum, aux, inter, new_ms)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch):
+        total_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+        zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
+
+        def body(carry, mb):
+            grads, model_state, ce_sum, aux, masses = carry
+            (_, (ce_mb, aux_mb, inter, model_state)), g = grad_fn(state["params"], model_state, mb, total_tokens)
+            masses = {k: masses[k] + inter[k] for k in masses}
+            return (jax.tree.map(jnp.add, grads, g), model_state, ce_sum + ce_mb, aux + aux_mb, masses), {
+                k: v for k, v in inter.items() if not k.endswith("expert_mass")}
+
+        zero_mass = {k: jnp.zeros(s, jnp.float32) for k, s in setup.expert_mass_shapes.items()}
+        init = (zeros_g, state["model_state"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_mass)
+        (grads, model_state, ce_sum, aux, masses), per_micro = jax.lax.scan(body, init, micro)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        loss = ce_sum / total_tokens + aux / grad_accum_steps
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        new = {
+            "params": params,
+            "model_state": model_state,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "expert_mass": {k: state["expert_mass"][k] + masses[k] for k in masses},
+        }
+        if skip_nonfinite:
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {**state, "step": state["step"] + 1})
+        metrics = {
+            "loss": loss,
+            "ce_loss": ce_sum / total_tokens,
+            "aux_loss": aux / grad_accum_steps,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(state["params"]),
+            "tokens": total_tokens,
+            "finite": finite,
+            **{k: jnp.mean(v) for k, v in per_micro.items()},
+            **{k.replace("expert_mass", "batch_usage"): expert_stats.usage(m) for k, m in masses.items()},
+            **{k.replace("expert_mass", "batch_unevenness"): expert_stats.unevenness(m) for k, m in masses.items()},
+        }
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(setup: ModelSetup):
+    """eval_step(params, model_state, batch) -> sums (loss, tokens, expert masses); uses running BN stats."""
+
+    def step(params, model_state, batch):
+        ce, inter, _ = _forward(setup, params, model_state, batch, train=False)
+        w = batch["weights"]
+        return {"loss_sum": jnp.sum(ce * w), "tokens": jnp.sum(w),
+                **{k: v for k, v in inter.items() if k.endswith(("expert_mass", "expert_load"))}}
+
+    return step
+
+
+def jit_train_step(step_fn, state_shardings, setup: ModelSetup):
+    batch_shardings = {k: batch_sharding(setup.mesh, setup.rules) for k in BATCH_KEYS}
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, state_shardings, setup: ModelSetup):
+    batch_shardings = {k: batch_sharding(setup.mesh, setup.rules) for k in BATCH_KEYS}
+    return jax.jit(eval_fn, in_shardings=(state_shardings["params"], state_shardings["model_state"], batch_shardings))
+
+
+def host_batch(batch: dict[str, np.ndarray], setup: ModelSetup) -> dict[str, jax.Array]:
+    """Places a host-local batch on the mesh (one process: a plain sharded device_put)."""
+    data = batch_sharding(setup.mesh, setup.rules)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, data) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(data, v) for k, v in batch.items()}
