@@ -102,7 +102,7 @@ class ArrayBatches:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        idx = np.sort(perm[j * self.global_batch:(j + 1) * self.global_batch][self.local])
+        idx = np.sort(perm[j * self.global_batch:(j + 1) * self.global_batch])[self.local]
         return {k: v[idx] for k, v in self.arrays.items()}
 
     def __iter__(self):
@@ -134,7 +134,7 @@ class StreamingBatches:
             raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes.")
         self._make = lambda: _seqio_dataset(
             tasks_lib.get_task(task_name, vocab), split, seq_len, shuffle=True, seed=seed, num_epochs=None,
-            shard_info=seqio.ShardInfo(process_index, process_count),
+            shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None,
         ).batch(global_batch // process_count, drop_remainder=True)
         self.seed = seed
         self.step = 0
