@@ -34,14 +34,21 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def collect_intermediates(model: nnx.Module) -> dict[str, jax.Array]:
-    """Pops everything the layers sowed, keyed by 'module/path/name'; tuples are summed."""
-    inter = nnx.pop(model, nnx.Intermediate)
+def flatten_intermediates(inter: nnx.State) -> dict[str, jax.Array]:
+    """What the layers sowed, keyed by 'module/path/name'; repeated sows are summed."""
     out = {}
     for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(inter), is_leaf=lambda x: isinstance(x, tuple)):
         vals = value if isinstance(value, tuple) else (value,)
         out[_path_name(path)] = sum(vals[1:], vals[0])
     return out
+
+
+def apply_model(model: nnx.Module, batch, train: bool):
+    """(logits, intermediates) of the model on a batch; padding (segment 0) is masked."""
+    fwd = nnx.capture(lambda m, b: m(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"],
+                                     mask=b["segment_ids"] > 0, train=train), nnx.Intermediate)
+    logits, inter = fwd(model, batch)
+    return logits, flatten_intermediates(inter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +92,8 @@ def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, 
     def run(params, model_state):
         model = nnx.merge(graphdef, params, model_state)
         tokens = jnp.zeros((1, seq_len), jnp.int32)
-        model(tokens, mask=jnp.ones((1, seq_len), bool), train=False)
-        return collect_intermediates(model)
+        batch = {"inputs": tokens, "positions": tokens, "segment_ids": tokens + 1}
+        return apply_model(model, batch, train=False)[1]
 
     out = jax.eval_shape(run, params, model_state)
     return {k: v.shape for k, v in out.items() if k.endswith("expert_mass")}
@@ -114,15 +121,40 @@ def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_si
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
+def abstract_train_state(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, mesh,
+                         rules) -> tuple[ModelSetup, TrainState, TrainState]:
+    """Like `create_train_state` but allocates nothing: (setup, ShapeDtypeStruct state, shardings).
+
+    Used to restore a checkpoint straight into its shardings (eval, AOT compilation).
+    """
+    with nnx.logical_axis_rules(rules):
+        abstract = nnx.eval_shape(lambda: model_factory(vocab_size, rngs=nnx.Rngs(0)))
+        graphdef, abs_params, abs_rest = _split(abstract)
+        p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
+        r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    params = jax.tree.map(sds, _pure(abs_params), p_shard)
+    rest = jax.tree.map(sds, _pure(abs_rest), r_shard)
+    init = jax.jit(tx.init).trace(params).lower().compile()
+    opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), init.output_shardings)
+    masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
+    replicated = NamedSharding(mesh, P())
+    state = {
+        "params": params, "model_state": rest, "opt_state": opt_state,
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "expert_mass": {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated) for k, s in masses.items()},
+    }
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return ModelSetup(graphdef, mesh, rules, masses), state, shardings
+
+
 def batch_sharding(mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
 
 
 def _forward(setup: ModelSetup, params, model_state, batch, train: bool):
     model = nnx.merge(setup.graphdef, params, model_state)
-    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                   mask=batch["segment_ids"] > 0, train=train)
-    inter = collect_intermediates(model)
+    logits, inter = apply_model(model, batch, train)
     _, _, new_model_state = _split(model)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return ce, inter, _pure(new_model_state)

@@ -1,0 +1,427 @@
+"""Coarse-grained Mixture-of-Experts FFW: the MoE baseline of He (2024).
+
+The paper's baseline is 128 experts, each the size of the dense MLP, with **expert-choice**
+routing (Zhou et al. 2022). Token-choice top-k (Switch/GShard) is kept for comparison.
+
+Routing groups and causality
+----------------------------
+Expert choice lets every expert pick its top-C tokens *within a routing group*, so a token's
+fate depends on the other tokens of its group. Which tokens share a group is a modelling
+choice (the paper is silent), set by ``grouping``:
+
+* ``"position"`` (default): a group is the tokens at **one position across** ``group_size``
+  **sequences** of the batch (default: the whole batch). A token only competes with tokens at
+  the same position of other, independent sequences, whose hidden states depend on their
+  positions <= t only, so the output at position t never sees a future token: training and a
+  teacher-forced eval are causal. Costs: routing depends on the batch (evaluate with the same
+  batch size; with one sequence C = 1 of 1 and every expert takes the token); the capacity
+  C = cf * B / E is small (1 for B = E = 128), and when B < E / cf it rounds up to 1 so the
+  expected experts per token rise above cf (see `expert_capacity`); and under data
+  parallelism a group spans devices, so the expert-parallel path first reshards tokens from
+  batch- to length-sharded with one all_to_all (the same volume as the dispatch) and back.
+* ``"sequence"``: Zhou et al.'s original: a group is ``group_size`` consecutive positions of
+  one sequence (default: all of it). Tokens at t and t' > t compete for the same C slots, so
+  whether t is processed depends on future tokens (causal leakage): training perplexity is
+  optimistic and autoregressive decoding cannot reproduce it. Kept for comparison only.
+
+Token choice defaults to ``"sequence"`` groups and resolves capacity overflow in token-major
+order (position first, then the token's k-th choice), so a token's slot depends only on
+earlier tokens of its group: it is causal too.
+
+Capacity, per group of S tokens: C = max(1, round_half_up(capacity_factor * top_k * S / E)),
+capped at S (top_k = 1 for expert choice). Expert choice processes exactly C tokens per expert
+when the group has >= C valid tokens. Padding (mask False) is never routed and outputs zero.
+
+Expert parallelism
+------------------
+Without a mesh whose 'expert' axis is > 1 (or with ``expert_parallel=False``) the plain
+einsum reference runs: dispatch/combine tensors of shape [G, S, E, C] (one-hot, MXU-friendly,
+the GShard/MaxText "dense" formulation). Under such a mesh the same routing and einsums run
+inside `jax.shard_map` with a fixed layout: tokens split over ('data', 'expert'), experts over
+'expert', each expert's hidden dim over 'model'. Expert buffers [E, G, C, d] go through
+`all_to_all` over 'expert' (split E, gather groups), each device runs its E/n_e experts on its
+1/n_m slice of the hidden dim, a `psum` over 'model' sums the hidden-dim partials, and a
+second `all_to_all` returns the results. Parameters stored with another layout (e.g. FSDP's
+'embed' -> 'data') are resharded by the shard_map boundary. The router (d x E, tiny) runs
+outside the shard_map on the auto-sharded batch, so its losses are global over the call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from peer_jax.layers import intermediates
+from peer_jax.sharding import constrain, mesh_axis_size
+
+ROUTINGS = ("expert_choice", "token_choice")
+GROUPINGS = ("position", "sequence")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+Initializer = Callable[..., jax.Array]
+# Each expert is a dense layer batched over experts: fan-in is the d (or m) axis, not E.
+DEFAULT_KERNEL_INIT = jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+)
+# Switch Transformer: a small router init keeps early routing near uniform and stable.
+DEFAULT_ROUTER_INIT = jax.nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+
+def expert_capacity(group_tokens: int, num_experts: int, capacity_factor: float, top_k: int = 1) -> int:
+    """Slots per expert per routing group: round_half_up(cf * k * S / E), in [1, S].
+
+    Rounding half up (not Python's banker's rounding) keeps C monotone in S; the floor of 1
+    means that for S < E / (cf * k) the effective capacity factor is E / (k * S) > cf, which
+    FLOP accounting must use (expected experts per token = E * C / S).
+    """
+    c = math.floor(capacity_factor * top_k * group_tokens / num_experts + 0.5)
+    return int(min(max(c, 1), group_tokens))
+
+
+# ----------------------------------------------------------------------------- grouping
+def to_groups(a: jax.Array, grouping: str, group_size: int) -> jax.Array:
+    """[B, T, ...] -> [G, S, ...] routing groups (see the module docstring)."""
+    b, t, rest = a.shape[0], a.shape[1], a.shape[2:]
+    if grouping == "sequence":
+        return a.reshape(b * (t // group_size), group_size, *rest)
+    a = a.reshape(b // group_size, group_size, t, *rest)
+    a = jnp.moveaxis(a, 2, 0)  # [T, B/S, S, ...]
+    return a.reshape(t * (b // group_size), group_size, *rest)
+
+
+def from_groups(a: jax.Array, grouping: str, batch: int, length: int) -> jax.Array:
+    """Inverse of `to_groups`."""
+    rest = a.shape[2:]
+    if grouping == "sequence":
+        return a.reshape(batch, length, *rest)
+    s = a.shape[1]
+    a = a.reshape(length, batch // s, s, *rest)
+    return jnp.moveaxis(a, 0, 2).reshape(batch, length, *rest)
+
+
+# ------------------------------------------------------------------------------ routing
+def expert_choice_routing(probs: jax.Array, valid: jax.Array, capacity: int):
+    """Each expert takes the `capacity` valid tokens of a group with the highest router prob.
+
+    probs [G, S, E] (softmax over experts), valid [G, S] -> dispatch, combine [G, S, E, C]:
+    dispatch is the 0/1 slot assignment, combine = dispatch * gate (the router prob).
+    Invalid tokens score -1 < any prob, so they are taken only when fewer than C valid tokens
+    exist, and those slots are then emptied: padding never takes capacity.
+    """
+    s = probs.shape[1]
+    scores = jnp.where(valid[..., None], probs, -1.0)
+    gates, idx = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [G, E, C]
+    taken = gates >= 0.0
+    dispatch = jax.nn.one_hot(idx, s, dtype=probs.dtype) * taken[..., None]  # [G, E, C, S]
+    dispatch = jax.lax.stop_gradient(jnp.moveaxis(dispatch, 3, 1))  # [G, S, E, C]
+    combine = dispatch * jnp.where(taken, gates, 0.0)[:, None]
+    return dispatch, combine
+
+
+def token_choice_routing(probs: jax.Array, valid: jax.Array, top_k: int, capacity: int, renormalize: bool):
+    """Each token picks its top-k experts; an expert keeps the first `capacity` arrivals.
+
+    Arrival order is token-major (position, then k-th choice), so a token's slot never depends
+    on later tokens. Gates are the top-k probs, renormalised to sum to 1 when `renormalize`.
+    Returns dispatch, combine [G, S, E, C] as in `expert_choice_routing`.
+    """
+    g, s, e = probs.shape
+    gates, experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
+    if renormalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    choice = jax.nn.one_hot(experts, e, dtype=probs.dtype) * valid[..., None, None]  # [G,S,K,E]
+    flat = choice.reshape(g, s * top_k, e)
+    position = (jnp.cumsum(flat, axis=1) - 1.0) * flat  # slot index where chosen, else 0
+    position = position.reshape(g, s, top_k, e).sum(axis=2).astype(jnp.int32)  # k choices distinct
+    chosen = choice.sum(axis=2)  # [G, S, E] in {0, 1}
+    kept = chosen * (position < capacity)
+    dispatch = jax.lax.stop_gradient(jax.nn.one_hot(position, capacity, dtype=probs.dtype) * kept[..., None])
+    gate = jnp.sum(choice * gates[..., None], axis=2)  # [G, S, E]
+    return dispatch, dispatch * gate[..., None]
+
+
+def load_balancing_loss(probs: jax.Array, valid: jax.Array, top_k: int) -> jax.Array:
+    """Switch/GShard loss E * sum_e f_e * P_e over valid tokens (1 when routing is uniform).
+
+    f_e = share of the k * N top-k assignments (before capacity) that go to e, P_e = mean
+    router prob of e. Its minimum, 1, is reached when either is uniform.
+    """
+    e = probs.shape[-1]
+    v = valid.astype(jnp.float32)[..., None]
+    n = jnp.maximum(jnp.sum(v), 1.0)
+    _, experts = jax.lax.top_k(probs, top_k)
+    assigned = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=-2) * v
+    f = jnp.sum(assigned, axis=tuple(range(assigned.ndim - 1))) / (n * top_k)
+    p = jnp.sum(probs * v, axis=tuple(range(probs.ndim - 1))) / n
+    return e * jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def router_z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """ST-MoE z-loss: mean over valid tokens of logsumexp(logits)^2 (keeps logits small)."""
+    z = jax.nn.logsumexp(logits, axis=-1) ** 2
+    v = valid.astype(jnp.float32)
+    return jnp.sum(z * v) / jnp.maximum(jnp.sum(v), 1.0)
+
+
+# ------------------------------------------------------------------------------ experts
+def expert_mlp(xe: jax.Array, w: dict[str, jax.Array], activation: str) -> jax.Array:
+    """Runs each expert's MLP on its buffer: xe [E, G, C, d] -> [E, G, C, d] (no biases)."""
+    h = jnp.einsum("egcd,edm->egcm", xe, w["w_in"])
+    if activation == "swiglu":
+        h = jax.nn.silu(jnp.einsum("egcd,edm->egcm", xe, w["w_gate"])) * h
+    elif activation == "gelu":
+        h = jax.nn.gelu(h)
+    else:
+        h = jax.nn.relu(h)
+    return jnp.einsum("egcm,emd->egcd", h, w["w_out"])
+
+
+def moe_groups(xg, probs, valid, route: Callable, experts: Callable):
+    """Route, dispatch, run experts, combine, for grouped tokens xg [G, S, d].
+
+    Returns y [G, S, d] (float32), per-expert load [E], and the counts of valid tokens that
+    got no expert and of valid tokens (float32 scalars), all summed over this call's groups.
+    """
+    dispatch, combine = route(probs, valid)
+    xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(xg.dtype), xg)
+    ye = experts(xe)
+    y = jnp.einsum("gsec,egcd->gsd", combine.astype(ye.dtype), ye, preferred_element_type=jnp.float32)
+    load = jnp.sum(dispatch, axis=(0, 1, 3))
+    routed = jnp.sum(dispatch, axis=(2, 3)) > 0
+    dropped = jnp.sum(valid & ~routed).astype(jnp.float32)
+    return y, load, dropped, jnp.sum(valid).astype(jnp.float32)
+
+
+class MoE(nnx.Module):
+    """Mixture of `num_experts` dense MLPs (d_model -> mlp_dim -> d_model) behind a router.
+
+    Sows (nnx.Intermediate): 'aux_loss' (weighted: load balancing, token choice only, plus
+    router z-loss), 'expert_load' (float32 [E], tokens processed per expert in the call),
+    'dropped_fraction' (share of valid tokens processed by no expert). `train` does not
+    change the computation: routing and capacity are the same in training and evaluation.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        num_experts: int = 128,
+        mlp_dim: int | None = None,
+        activation: str = "gelu",
+        routing: str = "expert_choice",
+        top_k: int = 2,
+        capacity_factor: float = 1.0,
+        grouping: str | None = None,
+        group_size: int | None = None,
+        renormalize_top_k: bool = True,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 1e-3,
+        expert_parallel: bool = True,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        router_init: Initializer = DEFAULT_ROUTER_INIT,
+    ):
+        """Settings that need a word (the rest are in the module docstring):
+
+        mlp_dim: per expert; None = DenseFFW's default (4 * d_model, 8/3 * d_model for SwiGLU),
+            so each expert is exactly the dense FFW it replaces.
+        top_k, renormalize_top_k, aux_loss_weight: token choice only (expert choice is balanced
+            by construction and needs no load-balancing loss).
+        grouping: None = 'position' for expert choice (causal), 'sequence' for token choice.
+        group_size: sequences per group ('position') or positions per group ('sequence');
+            None = the whole batch / sequence. Must divide it.
+        z_loss_weight: router z-loss for both routings; it only keeps router logits small.
+        expert_parallel: use the shard_map path when a mesh with 'expert' > 1 is in context.
+        """
+        if mlp_dim is None:  # the dense FFW's own default (DenseFFW): each expert is that MLP
+            mlp_dim = 4 * d_model if activation != "swiglu" else 8 * ((8 * d_model // 3 + 7) // 8)
+        grouping = grouping or ("position" if routing == "expert_choice" else "sequence")
+        _check(d_model >= 1, f"MoE: d_model={d_model} must be >= 1.")
+        _check(num_experts >= 1, f"MoE: num_experts={num_experts} must be >= 1 (the paper uses 128).")
+        _check(mlp_dim >= 1, f"MoE: mlp_dim={mlp_dim} must be >= 1 (default 4 * d_model).")
+        _check(activation in ACTIVATIONS, f"MoE: activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
+        _check(routing in ROUTINGS, f"MoE: routing={routing!r} is unknown; use one of {ROUTINGS}.")
+        _check(grouping in GROUPINGS, f"MoE: grouping={grouping!r} is unknown; use one of {GROUPINGS}.")
+        _check(
+            routing != "token_choice" or 1 <= top_k <= num_experts,
+            f"MoE: top_k={top_k} must be in [1, num_experts={num_experts}] for token choice.",
+        )
+        _check(capacity_factor > 0, f"MoE: capacity_factor={capacity_factor} must be > 0 (e.g. 1.0 or 1.25).")
+        _check(
+            group_size is None or group_size >= 1,
+            f"MoE: group_size={group_size} must be >= 1, or None for the whole batch/sequence.",
+        )
+        _check(
+            aux_loss_weight >= 0 and z_loss_weight >= 0,
+            f"MoE: aux_loss_weight={aux_loss_weight} and z_loss_weight={z_loss_weight} must be >= 0.",
+        )
+        self.d_model, self.num_experts, self.mlp_dim = d_model, num_experts, mlp_dim
+        self.activation, self.routing, self.grouping, self.group_size = activation, routing, grouping, group_size
+        self.top_k = top_k if routing == "token_choice" else 1
+        self.capacity_factor, self.renormalize_top_k = capacity_factor, renormalize_top_k
+        self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        self.expert_parallel, self.dtype = expert_parallel, dtype
+
+        e, d, m = num_experts, d_model, mlp_dim
+        # The router is d x E: too small to shard, and the shard_map path wants it whole.
+        self.router = nnx.Param(router_init(rngs.params(), (d, e), param_dtype), out_sharding=("embed", None))
+        in_names, out_names = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
+        self.w_in = nnx.Param(kernel_init(rngs.params(), (e, d, m), param_dtype), out_sharding=in_names)
+        self.w_gate = (
+            nnx.Param(kernel_init(rngs.params(), (e, d, m), param_dtype), out_sharding=in_names)
+            if activation == "swiglu"
+            else None
+        )
+        self.w_out = nnx.Param(kernel_init(rngs.params(), (e, m, d), param_dtype), out_sharding=out_names)
+
+    def capacity(self, group_tokens: int) -> int:
+        """Slots per expert in a routing group of `group_tokens` tokens."""
+        return expert_capacity(group_tokens, self.num_experts, self.capacity_factor, self.top_k)
+
+    def resolved_group_size(self, batch: int, length: int) -> int:
+        """Tokens per routing group for an input of [batch, length]; checks divisibility."""
+        full = batch if self.grouping == "position" else length
+        what = "batch size" if self.grouping == "position" else "sequence length"
+        gs = full if self.group_size is None else self.group_size
+        if full % gs:
+            raise ValueError(
+                f"MoE: group_size={gs} must divide the {what} {full} (grouping={self.grouping!r}); "
+                "change `group_size` or set it to None."
+            )
+        return gs
+
+    def _route_fn(self, capacity: int) -> Callable:
+        if self.routing == "expert_choice":
+            return lambda p, v: expert_choice_routing(p, v, capacity)
+        renorm = self.renormalize_top_k and self.top_k > 1
+        return lambda p, v: token_choice_routing(p, v, self.top_k, capacity, renorm)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+        del train  # routing is identical in training and evaluation
+        b, t, d = x.shape
+        if d != self.d_model:
+            raise ValueError(f"MoE: input feature size {d} != d_model={self.d_model}.")
+        gs = self.resolved_group_size(b, t)  # shape checks first, before any compute
+        layout = self._ep_layout(b, t)
+        valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        # The router runs in float32: top-k decisions on bf16 logits flip on rounding noise.
+        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        probs = jax.nn.softmax(logits, axis=-1)
+
+        aux = self.z_loss_weight * router_z_loss(logits, valid)
+        if self.routing == "token_choice":
+            aux = aux + self.aux_loss_weight * load_balancing_loss(probs, valid, self.top_k)
+
+        weights = {"w_in": self.w_in[...], "w_out": self.w_out[...]}
+        if self.w_gate is not None:
+            weights["w_gate"] = self.w_gate[...]
+        weights = {k: v.astype(self.dtype) for k, v in weights.items()}
+        xc = x.astype(self.dtype)
+        route = self._route_fn(self.capacity(gs))
+
+        if layout is not None:
+            y, load, dropped, n_valid = self._expert_parallel(xc, probs, valid, weights, gs, route, *layout)
+        else:
+            y, load, dropped, n_valid = moe_groups(
+                to_groups(xc, self.grouping, gs),
+                to_groups(probs, self.grouping, gs),
+                to_groups(valid, self.grouping, gs),
+                route,
+                lambda xe: expert_mlp(xe, weights, self.activation),
+            )
+            y = constrain(from_groups(y, self.grouping, b, t), ("batch", "length", "embed"))
+
+        intermediates.sow(self, "aux_loss", aux.astype(jnp.float32))
+        intermediates.sow(self, "expert_load", load.astype(jnp.float32))
+        intermediates.sow(self, "dropped_fraction", dropped / jnp.maximum(n_valid, 1.0))
+        return y.astype(x.dtype)
+
+    def _ep_layout(self, b: int, t: int) -> tuple[tuple[str, ...], str | None] | None:
+        """(batch mesh axes, model axis) for the expert-parallel path, or None for the
+        reference path; checks that the shapes split evenly over the mesh in context."""
+        if not self.expert_parallel or mesh_axis_size("expert") <= 1:
+            return None
+        mesh = jax.sharding.get_abstract_mesh()
+        batch_axes = tuple(a for a in ("data", "expert") if a in mesh.axis_names)
+        model_axis = "model" if "model" in mesh.axis_names else None
+        n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+        n_exp, n_model = mesh.shape["expert"], mesh.shape[model_axis] if model_axis else 1
+        if self.num_experts % n_exp:
+            raise ValueError(
+                f"MoE: num_experts={self.num_experts} must be divisible by the 'expert' mesh axis "
+                f"({n_exp}); change `num_experts` or the mesh shape."
+            )
+        if self.mlp_dim % n_model:
+            raise ValueError(
+                f"MoE: mlp_dim={self.mlp_dim} must be divisible by the 'model' mesh axis ({n_model}); "
+                "change `mlp_dim` or the mesh shape."
+            )
+        if b % n_batch:
+            raise ValueError(
+                f"MoE: batch size {b} must be divisible by the data x expert mesh axes ({n_batch}) "
+                "for expert parallelism; change the batch size or the mesh shape."
+            )
+        if self.grouping == "position" and t % n_batch:
+            raise ValueError(
+                f"MoE: grouping='position' reshards tokens over the sequence, so the length {t} must "
+                f"be divisible by the data x expert mesh axes ({n_batch}); change the sequence "
+                "length or the mesh shape, or use grouping='sequence'."
+            )
+        return batch_axes, model_axis
+
+    def _expert_parallel(self, x, probs, valid, weights, gs, route, batch_axes, model_axis):
+        """The `moe_groups` computation inside `jax.shard_map` with explicit all_to_alls."""
+        regroup = self.grouping == "position"  # position groups span the batch shards
+        act = self.activation
+
+        def body(x, probs, valid, w):
+            def experts(xe):  # [E, G, C, d]: send each expert shard its experts' buffers
+                xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [E/n_e, n_e*G, C, d]
+                ye = expert_mlp(xe, w, act)
+                if model_axis:
+                    ye = jax.lax.psum(ye, model_axis)  # sum the hidden-dim partials
+                return jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)
+
+            if regroup:  # [B/n, T] -> [B, T/n]: whole position groups on each device
+                x = jax.lax.all_to_all(x, batch_axes, 1, 0, tiled=True)
+                # The mask rides along as one more float channel: one collective, no bool one.
+                pv = jnp.concatenate([probs, valid[..., None].astype(probs.dtype)], axis=-1)
+                pv = jax.lax.all_to_all(pv, batch_axes, 1, 0, tiled=True)
+                probs, valid = pv[..., :-1], pv[..., -1] > 0.5
+            lb, lt = x.shape[:2]
+            y, load, dropped, n_valid = moe_groups(
+                to_groups(x, self.grouping, gs),
+                to_groups(probs, self.grouping, gs),
+                to_groups(valid, self.grouping, gs),
+                route,
+                experts,
+            )
+            y = from_groups(y, self.grouping, lb, lt).astype(x.dtype)  # send compute dtype back
+            if regroup:
+                y = jax.lax.all_to_all(y, batch_axes, 0, 1, tiled=True)
+            stats = jax.lax.psum((load, dropped, n_valid), batch_axes)
+            return (y, *stats)
+
+        tok = P(batch_axes)
+        w_specs = {
+            "w_in": P("expert", None, model_axis),
+            "w_gate": P("expert", None, model_axis),
+            "w_out": P("expert", model_axis, None),
+        }
+        w_specs = {k: w_specs[k] for k in weights}
+        return jax.shard_map(
+            body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, P(), P(), P())
+        )(x, probs, valid, weights)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
