@@ -22,6 +22,7 @@ import os
 import numpy as np
 import seqio
 
+from peer_jax.data import eval_tasks as _eval_tasks  # noqa: F401  (registers the file-based eval sets)
 from peer_jax.data import tasks as tasks_lib
 from peer_jax.data.vocab import cache_dir, vocab_id
 
@@ -170,6 +171,30 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: in
         if short:
             chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
         yield chunk
+
+
+STREAMING_EVAL_TASKS = ("c4",)  # too large to hold packed in memory
+
+
+def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, batch_size: int,
+                max_batches: int | None = None, *, process_index: int = 0, process_count: int = 1):
+    """Batches over an eval split in a fixed order, each host reading its own shard.
+
+    Small sets are packed once and cached (`packed_arrays`); C4 is streamed. Either way the
+    last batch is padded with all-padding rows, which carry weight 0.
+    """
+    local = batch_size // process_count
+    if task_name not in STREAMING_EVAL_TASKS:
+        arrays = packed_arrays(task_name, split, seq_len, vocab)
+        arrays = {k: v[process_index::process_count] for k, v in arrays.items()}
+        yield from eval_batches(arrays, local, max_batches)
+        return
+    ds = _seqio_dataset(tasks_lib.get_task(task_name, vocab), split, seq_len,
+                        shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None)
+    for b, rows in enumerate(ds.batch(local).as_numpy_iterator()):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield from eval_batches(_to_batch(rows), local)
 
 
 def unigram_entropy(arrays: dict[str, np.ndarray], vocab_size: int) -> float:

@@ -7,20 +7,18 @@ import math
 import jax
 import numpy as np
 
-from peer_jax.data import pipeline
 from peer_jax.layers import expert_stats
 from peer_jax.training import step as step_lib
 
 
-def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, arrays: dict[str, np.ndarray],
-             batch_size: int, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches) -> dict[str, float]:
     """Sums loss and token counts over batches (padding has weight 0), then ppl = exp(Σloss/Σtokens).
 
     For PEER/PKM layers also reports usage and unevenness of the router-score mass summed
     over the whole split (the paper's Table 2), and for MoE the per-expert load spread.
     """
     totals = None
-    for batch in pipeline.eval_batches(arrays, batch_size, max_batches):
+    for batch in batches:
         out = eval_step(params, model_state, step_lib.host_batch(batch, setup))
         totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
     totals = jax.device_get(totals)

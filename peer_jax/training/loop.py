@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from peer_jax import sharding
-from peer_jax.data import pipeline, vocab as vocab_lib
+from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
 from peer_jax.training import evaluate as eval_lib
@@ -117,8 +117,15 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
     vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
     train_it = _train_iterator(cfg, vocab)
     eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.grad_accum_steps
-    eval_sets = {t: pipeline.packed_arrays(t, cfg.eval_split if t != "pydoc" else "validation", cfg.seq_len, vocab)
-                 for t in cfg.eval_tasks}
+    if cfg.eval_data_dir:
+        eval_tasks_lib.eval_data_dir(cfg.eval_data_dir)
+
+    def eval_inputs(task):
+        return pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, vocab, eval_bs, cfg.eval_batches,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+
+    for task in cfg.eval_tasks:  # fail at start-up, not at the first eval, if a set is missing
+        next(eval_inputs(task))
     tx, schedule = cfg.optimizer(cfg.num_steps)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -163,9 +170,8 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
 
         def run_eval(step: int) -> dict:
             row = {}
-            for i, (task, arrays) in enumerate(eval_sets.items()):
-                res = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], arrays, eval_bs,
-                                        cfg.eval_batches)
+            for i, task in enumerate(cfg.eval_tasks):
+                res = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], eval_inputs(task))
                 row.update({f"eval/{task}/{k}": v for k, v in res.items()})
                 if i == 0:
                     row["eval_loss"], row["eval_ppl"] = res["loss"], res["ppl"]

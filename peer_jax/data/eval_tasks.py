@@ -1,0 +1,69 @@
+"""The paper's eval sets: C4 validation (tfds) plus four corpora read from local files.
+
+Wikitext-103, the Pile, LAMBADA and Curation Corpus have no maintained tfds builder, so each
+is read from `$PEER_JAX_EVAL_DATA/<name>/<split>.jsonl` (one JSON object per line with a
+`text` field; the directory can also be set with `eval_data_dir(...)`, and may be a
+`gs://` path). `python scripts/prepare_eval_data.py --help` says where each set comes from
+and converts it to that layout. A missing file stops the run with a message naming the file
+and the command that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import seqio
+import tensorflow as tf
+
+from peer_jax.data import tasks
+
+FILE_TASKS = {
+    "wikitext103": "Wikitext-103 (Merity et al.), test split, one article per line",
+    "pile": "The Pile (Gao et al.), validation split, a fixed sample of documents",
+    "lambada": "LAMBADA (Paperno et al.), test split, one passage per line",
+    "curation": "Curation Corpus (Curation 2020), article texts, a fixed sample",
+}
+EVAL_TASKS = ("c4", *FILE_TASKS)
+
+_DIR: list[str | None] = [None]
+
+
+def eval_data_dir(path: str | None = None) -> str:
+    """Gets (and with an argument sets) the directory of the file-based eval sets."""
+    if path is not None:
+        _DIR[0] = path
+    return _DIR[0] or os.environ.get("PEER_JAX_EVAL_DATA", os.path.expanduser("~/.cache/peer_jax/eval_data"))
+
+
+def eval_file(name: str, split: str) -> str:
+    return os.path.join(eval_data_dir(), name, f"{split}.jsonl")
+
+
+def _jsonl_source(name: str) -> seqio.DataSource:
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed
+        path = eval_file(name, split)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(
+                f"eval set {name!r}: {path} does not exist. Prepare it with `python scripts/prepare_eval_data.py "
+                f"{name} --out {eval_data_dir()}` or set PEER_JAX_EVAL_DATA to the directory that holds "
+                f"{name}/{split}.jsonl.")
+        lines = tf.data.TextLineDataset(path)
+        return lines.map(lambda s: {"text": _json_text(s)})
+
+    return seqio.FunctionDataSource(dataset_fn, splits=("validation", "test"))
+
+
+def _json_text(line: tf.Tensor) -> tf.Tensor:
+    """The `text` field of one JSON line (parsed in Python: robust to any escaping)."""
+    text = tf.py_function(lambda s: json.loads(s.numpy().decode("utf-8"))["text"], [line], tf.string)
+    return tf.ensure_shape(text, [])
+
+
+def register() -> None:
+    for name in FILE_TASKS:
+        tasks.EXTRA_SOURCES[name] = (lambda n: (lambda: _jsonl_source(n)))(name)
+
+
+register()

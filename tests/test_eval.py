@@ -1,0 +1,106 @@
+"""Perplexity by hand, padding/partial-batch invariance, file-based eval sets, checkpoint eval."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from peer_jax import sharding
+from peer_jax.data import eval_tasks, pipeline, vocab as vocab_lib
+from peer_jax.eval import format_table, run_eval
+from peer_jax.models.transformer import Transformer
+from peer_jax.training import evaluate as eval_lib, loop, optim, step as step_lib
+from peer_jax.training.config import TrainConfig
+
+V, T = 64, 16
+FACTORY = functools.partial(Transformer, num_layers=1, d_model=16, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rules = sharding.RULES_DEFAULT
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        setup, state, shard = step_lib.create_train_state(FACTORY, optax.sgd(0.1), V, T, 0, mesh, rules)
+        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shard, setup)
+    rng = np.random.default_rng(0)
+    n = 7
+    arrays = {"inputs": rng.integers(0, V, (n, T)).astype(np.int32),
+              "targets": rng.integers(0, V, (n, T)).astype(np.int32),
+              "segment_ids": np.ones((n, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (n, 1))}
+    arrays["segment_ids"][2, 10:] = 0  # a padded tail
+    arrays["weights"] = (arrays["segment_ids"] > 0).astype(np.float32)
+    return mesh, rules, setup, state, eval_step, arrays
+
+
+def _evaluate(tiny, batch_size):
+    mesh, rules, setup, state, eval_step, arrays = tiny
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"],
+                                 pipeline.eval_batches(arrays, batch_size))
+
+
+def test_perplexity_is_exp_of_mean_token_loss_by_hand(tiny):
+    mesh, rules, setup, state, _, arrays = tiny
+    model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
+    total, count = 0.0, 0
+    for i in range(len(arrays["inputs"])):
+        logits = np.asarray(model(jnp.asarray(arrays["inputs"][i:i + 1]), segment_ids=jnp.asarray(arrays["segment_ids"][i:i + 1])))[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        for t in range(T):
+            if arrays["weights"][i, t]:
+                total -= logp[t, arrays["targets"][i, t]]
+                count += 1
+    res = _evaluate(tiny, 7)
+    assert res["tokens"] == count == 7 * T - 6
+    np.testing.assert_allclose(res["loss"], total / count, rtol=1e-5)
+    np.testing.assert_allclose(res["ppl"], math.exp(total / count), rtol=1e-5)
+
+
+def test_partial_batches_and_padding_rows_do_not_change_the_result(tiny):
+    ref = _evaluate(tiny, 7)
+    for bs in (1, 3, 4, 16):  # 7 rows: partial last batches, and one batch mostly padding
+        res = _evaluate(tiny, bs)
+        assert res["tokens"] == ref["tokens"]
+        np.testing.assert_allclose(res["loss"], ref["loss"], rtol=1e-6)
+
+
+@pytest.fixture
+def eval_dir(tmp_path):
+    (tmp_path / "lambada").mkdir()
+    docs = [{"text": f"passage {i}: the \"quick\" brown fox\njumps over the lazy dog {i}"} for i in range(5)]
+    (tmp_path / "lambada" / "validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    old = eval_tasks.eval_data_dir()
+    eval_tasks.eval_data_dir(str(tmp_path))
+    yield tmp_path, docs
+    eval_tasks.eval_data_dir(old)
+
+
+def test_file_based_eval_set_reads_local_jsonl(eval_dir):
+    _, docs = eval_dir
+    byte = vocab_lib.vocabulary("byte")
+    arrays = pipeline.packed_arrays("lambada", "validation", 32, byte, use_cache=False)
+    assert int(arrays["weights"].sum()) == sum(len(d["text"].encode()) + 1 for d in docs)
+
+
+def test_missing_eval_file_is_a_clear_error(eval_dir):
+    byte = vocab_lib.vocabulary("byte")
+    with pytest.raises(FileNotFoundError, match=r"wikitext103/validation.jsonl does not exist.*prepare_eval_data"):
+        pipeline.packed_arrays("wikitext103", "validation", 32, byte, use_cache=False)
+
+
+def test_eval_cli_restores_a_checkpoint(tmp_path, eval_dir):
+    cfg = TrainConfig(model=FACTORY, optimizer=functools.partial(optim.make_optimizer, warmup_steps=1),
+                      eval_tasks=("kjv",), seq_len=64, batch_size=8, num_steps=3, log_every=1, eval_every=3,
+                      eval_batches=2, checkpoint_every=3, progress_bar=False, tensorboard=False, vocab_multiple=64)
+    trained = loop.train(cfg, str(tmp_path))
+    res = run_eval(cfg, str(tmp_path / "checkpoints"), ["kjv", "lambada"], max_batches=2)
+    assert res["step"] == 3
+    np.testing.assert_allclose(res["tasks"]["kjv"]["loss"], trained["eval/kjv/loss"], rtol=1e-6)
+    assert res["tasks"]["lambada"]["tokens"] > 0 and "lambada" in format_table(res)
