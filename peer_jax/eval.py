@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
+from etils import epath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
-    out = Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"
+    out = epath.Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+from etils import epath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except (gin_utils.ConfigError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir)
+    workdir = epath.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_operative_config(workdir: Path) -> None:
+def _write_operative_config(workdir: epath.Path) -> None:
     import gin
     import jax
 

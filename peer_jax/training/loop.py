@@ -7,7 +7,7 @@ import logging
 import math
 import signal
 import time
-from pathlib import Path
+from etils import epath
 
 import jax
 import numpy as np
@@ -107,7 +107,7 @@ def run_meta(cfg: TrainConfig, vocab) -> dict:
 
 def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dict:
     """Runs (or resumes) a training run in `workdir`; returns the final metrics."""
-    workdir_p = Path(workdir)
+    workdir_p = epath.Path(workdir)
     workdir_p.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh_shape)
     rules = sharding.get_rules(cfg.sharding_rules)

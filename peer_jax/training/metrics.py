@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+from etils import epath
 
 import jax
 import numpy as np
@@ -27,42 +27,52 @@ def _plain(v):
     return v
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
+def read_jsonl(path: epath.Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def truncate_jsonl(path: epath.Path, last_step: int) -> list[str]:
     """Drops rows after `last_step` (used on resume, so the log matches an uninterrupted run)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
+    keep = [line for line in read_jsonl(path) if json.loads(line)["step"] <= last_step]
+    tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    tmp.replace(path)
+    return keep
 
 
 class MetricsWriter:
     def __init__(self, workdir: str, *, tensorboard: bool = True, wandb_project: str | None = None,
                  config: dict | None = None, resume_step: int = 0):
         self.active = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         self._tb = self._wandb = None
         if not self.active:
             return
-        truncate_jsonl(self.path, resume_step)
-        self._file = open(self.path, "a", buffering=1)
+        self._rows = truncate_jsonl(self.path, resume_step)
+        # Object stores (gs://) cannot append: there the whole file is rewritten on each write.
+        self._remote = "://" in str(workdir)
+        self._file = None if self._remote else open(self.path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", "offline")
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, dir=workdir, config=config or {},
-                                     mode=os.environ["WANDB_MODE"], resume="allow", id=Path(workdir).name)
+                                     mode=os.environ["WANDB_MODE"], resume="allow", id=epath.Path(workdir).name)
 
     def write(self, step: int, values: dict) -> None:
         if not self.active:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        line = json.dumps(row)
+        if self._remote:
+            self._rows.append(line)
+            self.path.write_text("".join(x + "\n" for x in self._rows))
+        else:
+            self._file.write(line + "\n")
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -73,7 +83,8 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.active:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
