@@ -1,0 +1,265 @@
+"""Gather-and-compute primitives for tables of tiny experts / memories (PEER, PKM).
+
+Three operations on a table ``T: [N, d]`` and per-token slot indices ``idx: [M, S]`` close the
+forward and backward passes of PEER and PKM:
+
+* ``expert_dot(x, T, idx)[m, s]      = ⟨x[m], T[idx[m, s]]⟩``            (PEER's ``u_iᵀx``)
+* ``embedding_bag(T, idx, w)[m]      = Σ_s w[m, s] · T[idx[m, s]]``     (PEER's ``Σ g·σ·v_i``, PKM)
+* ``scatter_outer(idx, w, y, N)[n]   = Σ_{idx[m,s]=n} w[m, s] · y[m]``   (their table gradients)
+
+Each is the transpose of another: ``d expert_dot / dx`` is an embedding bag with the output
+cotangent as weights, ``d embedding_bag / dw`` is an expert dot, and both table gradients are
+scatter-outers. So a ``jax.custom_vjp`` over the first two, written with the three loops below,
+never materialises the ``[M, S, d]`` gathered rows that plain autodiff of ``T[idx]`` keeps for the
+backward pass (2·h·k·d values per token for PEER: 2 GiB at 4096 tokens, h·k=128, d=512).
+
+The loops walk the S slots ``block`` at a time (``lax.scan``), so peak temporary memory is
+``M · block · d`` instead of ``M · S · d``; the table gradient is one ``[N, d]`` accumulator
+updated in place by scatter-add. Residuals saved for the backward pass are only the inputs
+(``x``, tables, ``idx``, weights), which are alive anyway. Second derivatives are not
+supported (the backward loops are not themselves differentiable by design).
+
+The ``*_naive`` functions are the plain-autodiff references that tests compare against.
+
+Dtypes: rows are gathered from the table in its (parameter) dtype and cast to the compute
+``dtype`` per block, never the whole table — casting a 1M×1024 table to bf16 on every call
+would cost as much memory as the table. Dot products and bag sums accumulate in float32.
+
+All functions also work inside ``jax.shard_map``: loop carries are created with the
+varying-manual-axes type of their inputs (``_like_vma``), so the scan type-checks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTypeLike = jnp.dtype | type | str
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:  # jax ≥ 0.9 spelling
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _like_vma(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """Casts ``x`` to vary over every manual mesh axis any of ``refs`` varies over.
+
+    Outside ``jax.shard_map`` all vma sets are empty and this is the identity. Inside, fresh
+    constants (loop-carry zeros) are invariant while loop bodies produce varying values, and
+    ``lax.scan`` requires carry types to match.
+    """
+    want = frozenset().union(*(varying_axes(r) for r in refs))
+    missing = tuple(sorted(want - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def slot_block(num_slots: int, block: int) -> int:
+    """Largest divisor of ``num_slots`` that is ≤ ``block`` (so blocks tile the slots)."""
+    block = max(1, min(block, num_slots))
+    while num_slots % block:
+        block -= 1
+    return block
+
+
+def _blocked(a: jax.Array, block: int) -> jax.Array:
+    """``[M, S, ...] -> [S/block, M, block, ...]`` for scanning over slot blocks."""
+    m, s = a.shape[:2]
+    return jnp.swapaxes(a.reshape(m, s // block, block, *a.shape[2:]), 0, 1)
+
+
+def _unblocked(a: jax.Array) -> jax.Array:
+    """Inverse of ``_blocked``."""
+    nb, m, block = a.shape[:3]
+    return jnp.swapaxes(a, 0, 1).reshape(m, nb * block, *a.shape[3:])
+
+
+def gather_rows(table: jax.Array, idx: jax.Array, dtype: DTypeLike) -> jax.Array:
+    """``table[idx]`` cast to ``dtype``; indices are trusted to be in range."""
+    rows = table.at[idx].get(mode="promise_in_bounds", wrap_negative_indices=False)
+    return rows.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- loops
+# Non-differentiable building blocks; the custom_vjp functions below define the derivatives.
+
+
+def _dot_loop(x: jax.Array, table: jax.Array, idx: jax.Array, dtype, block: int) -> jax.Array:
+    """float32 ``[M, S]``: ``⟨x[m], table[idx[m, s]]⟩``, ``block`` slots at a time."""
+    xc = x.astype(dtype)
+
+    def body(_, idx_b):
+        rows = gather_rows(table, idx_b, dtype)  # [M, block, d]
+        return None, jnp.einsum("md,mbd->mb", xc, rows, preferred_element_type=jnp.float32)
+
+    _, out = jax.lax.scan(body, None, _blocked(idx, block))
+    return _unblocked(out)
+
+
+def _bag_loop(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int) -> jax.Array:
+    """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``, ``block`` slots at a time."""
+    m, d = idx.shape[0], table.shape[-1]
+
+    def body(acc, xs):
+        idx_b, w_b = xs
+        rows = gather_rows(table, idx_b, dtype)
+        return acc + jnp.einsum(
+            "mb,mbd->md", w_b.astype(dtype), rows, preferred_element_type=jnp.float32
+        ), None
+
+    init = _like_vma(jnp.zeros((m, d), jnp.float32), table, idx, w)
+    acc, _ = jax.lax.scan(body, init, (_blocked(idx, block), _blocked(w, block)))
+    return acc
+
+
+def _scatter_loop(
+    idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int, out_dtype, block: int
+) -> jax.Array:
+    """``[num_rows, d]`` in ``out_dtype``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]`` by scatter-add."""
+    yf = y.astype(jnp.float32)
+
+    def body(acc, xs):
+        idx_b, w_b = xs
+        upd = (w_b.astype(jnp.float32)[:, :, None] * yf[:, None, :]).astype(out_dtype)
+        acc = acc.at[idx_b].add(upd, mode="promise_in_bounds", wrap_negative_indices=False)
+        return acc, None
+
+    init = _like_vma(_distinct_zeros((num_rows, y.shape[-1]), out_dtype, w), idx, w, y)
+    acc, _ = jax.lax.scan(body, init, (_blocked(idx, block), _blocked(w, block)))
+    return acc
+
+
+def _distinct_zeros(shape, dtype, tag: jax.Array) -> jax.Array:
+    """Zeros that the compiler cannot merge with another same-shaped zeros.
+
+    Two table gradients (u and v) both start from ``zeros([N, d])``; XLA's CSE merges the two
+    constants into one buffer, and each in-place scatter loop then needs its own copy: one
+    extra ``[N, d]`` temp (512 MiB at N = 512², d = 512, measured). Deriving the zero from a
+    distinct array (``isnan(tag[0]) * 0`` is exactly 0 for every value, and XLA does not fold
+    float multiplications by zero) keeps the two broadcasts apart, so each is written straight
+    into its loop's buffer. (An ``optimization_barrier`` does not help: CPU/GPU XLA strips it
+    before CSE; ``abs(t) < 0`` is folded to false.)
+    """
+    zero = jnp.isnan(tag.reshape(-1)[0]).astype(dtype) * 0  # exactly 0 for any tag value
+    return jnp.broadcast_to(zero, shape)
+
+
+# ----------------------------------------------------------------------------- custom_vjp ops
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32, block: int = 8):
+    """float32 ``[M, S]`` of ``⟨x[m], table[idx[m, s]]⟩`` without keeping gathered rows.
+
+    ``x: [M, d]``, ``table: [N, d]``, ``idx: [M, S]`` int32. ``dtype`` is the compute dtype of
+    the products (accumulation is float32); ``block`` slots are gathered per loop step (it must
+    divide S; see ``slot_block``).
+    """
+    return _dot_loop(x, table, idx, dtype, block)
+
+
+def _expert_dot_fwd(x, table, idx, dtype, block):
+    return _dot_loop(x, table, idx, dtype, block), (x, table, idx)
+
+
+def _expert_dot_bwd(dtype, block, res, ct):
+    x, table, idx = res
+    dx = _bag_loop(table, idx, ct, dtype, block).astype(x.dtype)
+    dtable = _scatter_loop(idx, ct, x, table.shape[0], table.dtype, block)
+    return dx, dtable, None
+
+
+expert_dot.defvjp(_expert_dot_fwd, _expert_dot_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.float32, block: int = 8):
+    """float32 ``[M, d]`` weighted sum of gathered rows, ``Σ_s w[m, s] · table[idx[m, s]]``.
+
+    The generic "embedding bag" (PKM's value read-out, PEER's down projection) with a backward
+    pass that recomputes gathers and scatter-adds into the table gradient.
+    """
+    return _bag_loop(table, idx, w, dtype, block)
+
+
+def _embedding_bag_fwd(table, idx, w, dtype, block):
+    return _bag_loop(table, idx, w, dtype, block), (table, idx, w)
+
+
+def _embedding_bag_bwd(dtype, block, res, ct):
+    table, idx, w = res
+    dtable = _scatter_loop(idx, w, ct, table.shape[0], table.dtype, block)
+    dw = _dot_loop(ct, table, idx, dtype, block).astype(w.dtype)
+    return dtable, None, dw
+
+
+embedding_bag.defvjp(_embedding_bag_fwd, _embedding_bag_bwd)
+
+
+def expert_dot_naive(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Reference for ``expert_dot``: materialises ``table[idx]`` (kept by autodiff)."""
+    rows = gather_rows(table, idx, dtype)
+    return jnp.einsum("md,msd->ms", x.astype(dtype), rows, preferred_element_type=jnp.float32)
+
+
+def embedding_bag_naive(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Reference for ``embedding_bag``: materialises ``table[idx]`` (kept by autodiff)."""
+    rows = gather_rows(table, idx, dtype)
+    return jnp.einsum("ms,msd->md", w.astype(dtype), rows, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- PEER experts
+
+ACTIVATIONS = {
+    # jax.nn.gelu's default tanh approximation; the paper does not say which GELU it used.
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+}
+
+COMPUTE_MODES = ("naive", "efficient")
+
+
+def expert_pre_activations(x, u, idx, *, compute: str, dtype, block: int = 8) -> jax.Array:
+    """float32 ``[M, S]`` pre-activations ``u_iᵀx`` of the retrieved experts."""
+    if compute == "naive":
+        return expert_dot_naive(x, u, idx, dtype)
+    return expert_dot(x, u, idx, np.dtype(dtype), block)
+
+
+def expert_outputs(v, idx, coef, *, compute: str, dtype, block: int = 8) -> jax.Array:
+    """float32 ``[M, d]`` = ``Σ_s coef[m, s] · v[idx[m, s]]``."""
+    if compute == "naive":
+        return embedding_bag_naive(v, idx, coef, dtype)
+    return embedding_bag(v, idx, coef, np.dtype(dtype), block)
+
+
+def peer_experts(
+    x: jax.Array,
+    u: jax.Array,
+    v: jax.Array,
+    idx: jax.Array,
+    scores: jax.Array,
+    *,
+    activation: str = "gelu",
+    compute: str = "efficient",
+    dtype=jnp.float32,
+    block: int = 8,
+) -> jax.Array:
+    """``out[m] = Σ_s scores[m, s] · σ(u_{idx[m,s]}ᵀ x[m]) · v_{idx[m,s]}`` in float32 ``[M, d]``.
+
+    ``x: [M, d]``, ``u, v: [N, d]``, ``idx, scores: [M, S]`` with S = heads·top_k slots. This is
+    the single-device form; the sharded layer splits it around the pre-activation all-reduce.
+    """
+    a = expert_pre_activations(x, u, idx, compute=compute, dtype=dtype, block=block)
+    coef = scores.astype(jnp.float32) * ACTIVATIONS[activation](a)
+    return expert_outputs(v, idx, coef, compute=compute, dtype=dtype, block=block)

@@ -1,0 +1,148 @@
+"""Product-key top-k: equal to brute force over all n² keys (ties aside), in f32 and bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peer_jax.layers.product_keys import (
+    brute_force_scores,
+    brute_force_topk,
+    full_keys,
+    product_key_topk,
+)
+
+
+def _inputs(seed, lead, heads, n, d_key, dtype, per_head):
+    """numpy-generated inputs (eager jax.random would compile per op; tests must stay fast)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((*lead, heads, d_key), np.float32)
+    shape = (heads, 2, n, d_key // 2) if per_head else (2, n, d_key // 2)
+    return jnp.asarray(q, dtype), jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+
+def np_full_keys(keys):
+    keys = np.asarray(keys, np.float64)
+    c1, c2 = keys[..., 0, :, :], keys[..., 1, :, :]
+    n, half = c1.shape[-2:]
+    left = np.broadcast_to(c1[..., :, None, :], (*c1.shape[:-2], n, n, half))
+    right = np.broadcast_to(c2[..., None, :, :], (*c1.shape[:-2], n, n, half))
+    return np.concatenate([left, right], -1).reshape(*c1.shape[:-2], n * n, 2 * half)
+
+
+def np_brute_scores(q, keys):
+    """float64 scores of every query against every key: the ground truth."""
+    fk, q = np_full_keys(keys), np.asarray(q, np.float64)
+    return np.einsum("...hc,hnc->...hn" if fk.ndim == 3 else "...hc,nc->...hn", q, fk)
+
+
+def _check_against_brute_force(q, keys, top_k, scores, idx, *, rtol, atol):
+    """Valid, unique indices whose true scores are ours and form the true top-k values."""
+    n2 = keys.shape[-2] ** 2
+    brute = np_brute_scores(q, keys)
+    scores, idx = np.asarray(scores, np.float64), np.asarray(idx)
+    assert idx.dtype == np.int32 and scores.shape == idx.shape == (*q.shape[:-1], top_k)
+    assert ((idx >= 0) & (idx < n2)).all()
+    flat_idx = idx.reshape(-1, top_k)
+    assert all(len(set(row)) == top_k for row in flat_idx), "duplicate items in a top-k"
+    assert (np.diff(scores, axis=-1) <= 0).all(), "scores not sorted descending"
+    # Our score of each returned item is its true score ...
+    np.testing.assert_allclose(np.take_along_axis(brute, idx, -1), scores, rtol=rtol, atol=atol)
+    # ... and the returned scores are the true top-k values (whatever items tie for them).
+    order = np.argsort(-brute, axis=-1, kind="stable")
+    sorted_all = np.take_along_axis(brute, order, -1)
+    np.testing.assert_allclose(scores, sorted_all[..., :top_k], rtol=rtol, atol=atol)
+    # Where the k-th and (k+1)-th true scores are clearly apart, the item sets are identical.
+    sorted_all, order = sorted_all.reshape(-1, n2), order.reshape(-1, n2)
+    gap = sorted_all[:, top_k - 1] - sorted_all[:, top_k] if top_k < n2 else np.full(len(order), np.inf)
+    clear = gap > 1e-3 * np.maximum(1.0, np.abs(sorted_all[:, top_k - 1]))
+    assert clear.mean() > 0.5  # the check below must not be vacuous
+    for row in np.nonzero(clear)[0]:
+        assert set(flat_idx[row]) == set(order[row, :top_k])
+
+
+CASES = [
+    # n, top_k, heads, d_key, dtype, per_head
+    (4, 1, 1, 4, jnp.float32, False),
+    (8, 3, 2, 8, jnp.float32, False),
+    (16, 4, 3, 16, jnp.float32, False),
+    (8, 8, 2, 8, jnp.float32, False),  # top_k = n: every candidate of one half survives
+    (16, 5, 2, 8, jnp.float32, True),
+    (16, 4, 2, 16, jnp.bfloat16, False),
+    (8, 4, 2, 8, jnp.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("n,top_k,heads,d_key,dtype,per_head", CASES)
+def test_matches_brute_force(n, top_k, heads, d_key, dtype, per_head):
+    q, keys = _inputs(n * 100 + top_k, (3, 5), heads, n, d_key, dtype, per_head)
+    scores, idx = jax.jit(product_key_topk, static_argnums=2)(q, keys, top_k)
+    assert scores.dtype == jnp.float32
+    # bf16 inputs: products are exact in f32, so only f32 summation order differs.
+    _check_against_brute_force(q, keys, top_k, scores, idx, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_ties_bf16():
+    """Integer-valued bf16 keys and queries make many exactly equal scores; any tied item is
+    acceptable, but values must be exact and items unique."""
+    n, top_k, heads, d_key = 8, 6, 2, 4
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.integers(-1, 2, (4, heads, d_key)), jnp.bfloat16)
+    keys = jnp.asarray(rng.integers(-1, 2, (2, n, d_key // 2)), jnp.bfloat16)
+    scores, idx = jax.jit(product_key_topk, static_argnums=2)(q, keys, top_k)
+    brute = np_brute_scores(q, keys)
+    np.testing.assert_array_equal(np.take_along_axis(brute, np.asarray(idx), -1), scores)
+    np.testing.assert_array_equal(-np.sort(-brute, -1)[..., :top_k], scores)
+    assert all(len(set(r)) == top_k for r in np.asarray(idx).reshape(-1, top_k))
+
+
+def test_jax_brute_force_reference():
+    """The in-library brute force (full_keys layout a·n + b included) agrees with numpy's."""
+    q, keys = _inputs(5, (4,), 2, 4, 6, jnp.float32, False)
+    fk, scores, (top_s, top_i) = jax.jit(
+        lambda q, k: (full_keys(k), brute_force_scores(q, k), brute_force_topk(q, k, 3))
+    )(q, keys)
+    k_np = np.asarray(keys)
+    np.testing.assert_array_equal(fk[2 * 4 + 3], np.concatenate([k_np[0, 2], k_np[1, 3]]))
+    np.testing.assert_allclose(scores, np_brute_scores(q, keys), rtol=1e-5, atol=1e-5)
+    _check_against_brute_force(q, keys, 3, top_s, top_i, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_brute_force():
+    """d(Σ w·scores) wrt queries and sub-keys equals the brute-force top-k's (no ties in f32)."""
+    n, top_k, heads, d_key = 8, 4, 2, 8
+    q, keys = _inputs(7, (6,), heads, n, d_key, jnp.float32, False)
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((6, heads, top_k)), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k: jnp.sum(w * fn(q, k, top_k)[0]), argnums=(0, 1))(q, keys)
+
+    g_pk, g_bf = jax.jit(lambda: (grads(product_key_topk), grads(brute_force_topk)))()
+    for a, b in zip(g_pk, g_bf):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_approx_topk_is_consistent():
+    """approx_max_k may miss items (so no equality), but whatever it returns is self-consistent."""
+    n, top_k, heads, d_key = 16, 4, 2, 8
+    q, keys = _inputs(11, (5,), heads, n, d_key, jnp.float32, False)
+    scores, idx = jax.jit(lambda q, k: product_key_topk(q, k, top_k, approx=True))(q, keys)
+    brute = np_brute_scores(q, keys)
+    np.testing.assert_allclose(np.take_along_axis(brute, np.asarray(idx), -1), scores, rtol=1e-5, atol=1e-5)
+    assert (np.diff(np.asarray(scores), axis=-1) <= 0).all()
+
+
+@pytest.mark.parametrize(
+    "q_shape,k_shape,top_k,match",
+    [
+        ((2, 2, 7), (2, 4, 3), 2, "even"),
+        ((2, 2, 8), (2, 4, 4), 5, "top_k=5"),
+        ((2, 2, 8), (3, 4, 4), 2, "does not match"),
+        ((2, 2, 8), (2, 4, 3), 2, "does not match"),
+        ((2, 3, 8), (2, 2, 4, 4), 2, "heads"),
+        ((2, 2, 8), (4, 4), 2, "sub_keys must be"),
+    ],
+)
+def test_shape_errors(q_shape, k_shape, top_k, match):
+    with pytest.raises(ValueError, match=match):
+        product_key_topk(jnp.zeros(q_shape), jnp.zeros(k_shape), top_k)
