@@ -126,26 +126,26 @@ class PEER(nnx.Module):
         n = math.isqrt(num_experts) if num_experts > 0 else 0
         if num_experts < 1 or n * n != num_experts:
             raise ValueError(
-                f"PEER num_experts={num_experts} must be a perfect square (product keys pair "
+                f"{type(self).__name__} num_experts={num_experts} must be a perfect square (product keys pair "
                 f"√N × √N sub-keys); use e.g. {max(n, 1) ** 2} or {(n + 1) ** 2}."
             )
         if d_key < 2 or d_key % 2:
-            raise ValueError(f"PEER d_key={d_key} must be a positive even number (it is split in halves).")
+            raise ValueError(f"{type(self).__name__} d_key={d_key} must be a positive even number (it is split in halves).")
         if heads < 1:
-            raise ValueError(f"PEER heads={heads} must be ≥ 1.")
+            raise ValueError(f"{type(self).__name__} heads={heads} must be ≥ 1.")
         if not 1 <= top_k <= n:
             raise ValueError(
-                f"PEER top_k={top_k} must be between 1 and √num_experts={n}: each half of the "
+                f"{type(self).__name__} top_k={top_k} must be between 1 and √num_experts={n}: each half of the "
                 f"product key contributes its top-k of {n} sub-keys. Lower top_k or raise num_experts."
             )
         if activation not in ec.ACTIVATIONS:
-            raise ValueError(f"PEER activation={activation!r} is unknown; use one of {sorted(ec.ACTIVATIONS)}.")
+            raise ValueError(f"{type(self).__name__} activation={activation!r} is unknown; use one of {sorted(ec.ACTIVATIONS)}.")
         if score_fn not in SCORE_FNS:
-            raise ValueError(f"PEER score_fn={score_fn!r} is unknown; use one of {list(SCORE_FNS)}.")
+            raise ValueError(f"{type(self).__name__} score_fn={score_fn!r} is unknown; use one of {list(SCORE_FNS)}.")
         if compute not in ec.COMPUTE_MODES:
-            raise ValueError(f"PEER compute={compute!r} is unknown; use one of {list(ec.COMPUTE_MODES)}.")
+            raise ValueError(f"{type(self).__name__} compute={compute!r} is unknown; use one of {list(ec.COMPUTE_MODES)}.")
         if slot_block < 1:
-            raise ValueError(f"PEER slot_block={slot_block} must be ≥ 1.")
+            raise ValueError(f"{type(self).__name__} slot_block={slot_block} must be ≥ 1.")
 
         self.d_model, self.num_experts, self.n_sub = d_model, num_experts, n
         self.heads, self.top_k, self.d_key = heads, top_k, d_key
@@ -155,11 +155,8 @@ class PEER(nnx.Module):
         self.approx_topk = approx_topk
         self.dtype, self.param_dtype = dtype, param_dtype
 
-        table_init = table_init or _default_table_init(d_model)
+        self._init_tables(rngs, table_init or _default_table_init(d_model))
         key_init = key_init or _default_key_init(d_key)
-        table_names = ("experts", "expert_embed")
-        self.u = nnx.Param(table_init(rngs.params(), (num_experts, d_model), param_dtype), out_sharding=table_names)
-        self.v = nnx.Param(table_init(rngs.params(), (num_experts, d_model), param_dtype), out_sharding=table_names)
         key_shape = (2, n, d_key // 2)
         key_names: tuple[str | None, ...] = (None, "keys", "key_dim")
         if per_head_keys:
@@ -179,6 +176,12 @@ class PEER(nnx.Module):
             if query_batchnorm
             else None
         )
+
+    def _init_tables(self, rngs: nnx.Rngs, init) -> None:
+        """The expert pool: ``u`` (input weights) and ``v`` (output weights), ``[N, d]`` each."""
+        shape, names = (self.num_experts, self.d_model), ("experts", "expert_embed")
+        self.u = nnx.Param(init(rngs.params(), shape, self.param_dtype), out_sharding=names)
+        self.v = nnx.Param(init(rngs.params(), shape, self.param_dtype), out_sharding=names)
 
     # ------------------------------------------------------------------ routing
 
@@ -215,9 +218,9 @@ class PEER(nnx.Module):
             return None
         if self.d_model % size:
             raise ValueError(
-                f"PEER d_model={self.d_model} is not divisible by the size {size} of mesh axes "
+                f"{type(self).__name__} d_model={self.d_model} is not divisible by the size {size} of mesh axes "
                 f"{axes} that shard the expert tables along d_model; change the mesh or set "
-                "PEER(sharded_lookup=False)."
+                f"{type(self).__name__}(sharded_lookup=False)."
             )
         return axes, rules
 
@@ -230,11 +233,10 @@ class PEER(nnx.Module):
         )
         return out.reshape(b, t, d)
 
-    def _experts_sharded(self, x, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
-        """The d-split lookup of the module docstring, as an explicit ``jax.shard_map``."""
+    @staticmethod
+    def _lookup_specs(b: int, t: int, model_axes: tuple[str, ...], rules):
+        """(activation spec, routing spec, table spec, all axes) of the d-split shard_map."""
         mesh = jax.sharding.get_abstract_mesh()
-        b, t, d = x.shape
-        s = self.heads * self.top_k
         tok_spec = shd.logical_to_spec(("batch", "length"), rules)
         # Axes already used for d may not shard tokens too; also require even splits.
         batch_e = _fit(tuple(a for a in _axes_tuple(tok_spec[0]) if a not in model_axes), b, mesh)
@@ -244,9 +246,13 @@ class PEER(nnx.Module):
         model_e = model_axes[0] if len(model_axes) == 1 else model_axes
         token_axes = _axes_tuple(batch_e) + _axes_tuple(length_e)
         all_axes = token_axes + model_axes
-        x_spec = P(batch_e, length_e, model_e)
-        route_spec = P(batch_e, length_e, None)
-        table_spec = P(None, model_e)
+        return P(batch_e, length_e, model_e), P(batch_e, length_e, None), P(None, model_e), all_axes
+
+    def _experts_sharded(self, x, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
+        """The d-split lookup of the module docstring, as an explicit ``jax.shard_map``."""
+        b, t, d = x.shape
+        s = self.heads * self.top_k
+        x_spec, route_spec, table_spec, all_axes = self._lookup_specs(b, t, model_axes, rules)
         act = ec.ACTIVATIONS[self.activation]
         compute, dtype, block = self.compute, self.dtype, self.slot_block
 
@@ -284,7 +290,7 @@ class PEER(nnx.Module):
         computed like any other and are meaningless.
         """
         if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"PEER expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
+            raise ValueError(f"{type(self).__name__} expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
         g, idx = self.route(x, mask=mask, train=train)
         self._sow_mass(idx, g, mask)
         sharded = self._lookup_axes()
