@@ -185,9 +185,10 @@ def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabular
     """
     local = batch_size // process_count
     if task_name not in STREAMING_EVAL_TASKS:
-        arrays = packed_arrays(task_name, split, seq_len, vocab)
-        arrays = {k: v[process_index::process_count] for k, v in arrays.items()}
-        yield from eval_batches(arrays, local, max_batches)
+        # Global batches, each host keeping its slice: every host runs the same number of steps.
+        part = slice(process_index * local, (process_index + 1) * local)
+        for batch in eval_batches(packed_arrays(task_name, split, seq_len, vocab), batch_size, max_batches):
+            yield {k: v[part] for k, v in batch.items()}
         return
     ds = _seqio_dataset(tasks_lib.get_task(task_name, vocab), split, seq_len,
                         shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None)
