@@ -16,7 +16,7 @@ import seqio
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PEER_JAX_CACHE", Path.home() / ".cache" / "peer_jax"))
+    return Path(os.environ.get("PEER_JAX_CACHE") or Path.home() / ".cache" / "peer_jax")
 
 
 def default_spm_path(vocab_size: int = 8192) -> Path:
