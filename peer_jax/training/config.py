@@ -53,5 +53,6 @@ class TrainConfig:
     wandb_project: str | None = None  # None: wandb disabled; else WANDB_MODE (default offline)
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_flops_per_device: float | None = None  # e.g. 197e12 (v5e bf16): logs `mfu` from XLA's FLOPs
     # Faults.
     nonfinite: str = "stop"  # 'stop' or 'skip' (skip the update, keep going)

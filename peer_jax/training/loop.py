@@ -65,7 +65,8 @@ def _compile_report(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost:
-        out["flops_per_step_xla"] = float(cost.get("flops", 0.0))
+        # XLA analyses the SPMD-partitioned program: FLOPs of one device's share of the step.
+        out["flops_per_device_step_xla"] = float(cost.get("flops", 0.0))
     return out
 
 
@@ -206,6 +207,11 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
                     dt = time.perf_counter() - t_log
                     row = {**m, "lr": float(schedule(step - 1)), "tokens_per_sec": steps_since * tokens_per_step / dt,
                            "step_time_s": dt / steps_since}
+                    if report.get("flops_per_device_step_xla"):
+                        per_device = report["flops_per_device_step_xla"] * steps_since / dt
+                        row["flops_per_sec"] = per_device * jax.device_count()
+                        if cfg.peak_flops_per_device:
+                            row["mfu"] = per_device / cfg.peak_flops_per_device
                     masses = jax.device_get(state["expert_mass"])
                     for k, mass in masses.items():
                         layer = k.rsplit("/", 1)[0]
