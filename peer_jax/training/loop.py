@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peer_jax import sharding
+from peer_jax import flops as flops_lib, sharding
 from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
@@ -154,6 +154,11 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
         step_fn = train_step.lower(state, abstract_batch).compile()
         report = _compile_report(step_fn)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+        # Analytic (peer_jax.flops convention); XLA's count undercounts loops (lax.scan bodies once).
+        abstract_model = nnx.eval_shape(lambda: cfg.model(model_vocab, rngs=nnx.Rngs(0)))
+        train_flops_per_token = flops_lib.train_flops_per_token(abstract_model, cfg.seq_len,
+                                                                cfg.batch_size // cfg.grad_accum_steps)
+        report["train_flops_per_token"] = train_flops_per_token
         log.info("params=%d compile=%s", n_params, json.dumps(report))
         if jax.process_index() == 0:
             (workdir_p / "compile_report.json").write_text(json.dumps({"params": n_params, **report}, indent=1))
@@ -207,11 +212,9 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
                     dt = time.perf_counter() - t_log
                     row = {**m, "lr": float(schedule(step - 1)), "tokens_per_sec": steps_since * tokens_per_step / dt,
                            "step_time_s": dt / steps_since}
-                    if report.get("flops_per_device_step_xla"):
-                        per_device = report["flops_per_device_step_xla"] * steps_since / dt
-                        row["flops_per_sec"] = per_device * jax.device_count()
-                        if cfg.peak_flops_per_device:
-                            row["mfu"] = per_device / cfg.peak_flops_per_device
+                    row["model_flops_per_sec"] = train_flops_per_token * row["tokens_per_sec"]
+                    if cfg.peak_flops_per_device:
+                        row["mfu"] = row["model_flops_per_sec"] / (cfg.peak_flops_per_device * jax.device_count())
                     masses = jax.device_get(state["expert_mass"])
                     for k, mass in masses.items():
                         layer = k.rsplit("/", 1)[0]
@@ -234,6 +237,8 @@ def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dic
                 if stop:
                     log.warning("SIGTERM: saved a checkpoint at step %d and stopped", step)
                     break
+        if not last_eval and cfg.eval_every and step == cfg.num_steps:
+            last_eval = run_eval(step)  # resumed after the final checkpoint but before its eval
         mngr.wait_until_finished()
         mngr.close()
         if bar is not None:

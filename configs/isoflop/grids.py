@@ -1,0 +1,144 @@
+"""isoFLOP grids as plain data: budgets, methods (model gin file + grid-defining bindings), shapes.
+
+`configs/isoflop/generate.py` turns a `Grid` into one gin run file per (budget, method, shape)
+point, with `TrainConfig.num_steps = round(budget / (train FLOPs per token · batch · seq))`
+(FLOPs per token from `peer_jax.flops`, counted on the model the point's gin file builds).
+
+Methods (He 2024, "Mixture of A Million Experts", isoFLOP study): the sparse layer replaces
+the FFW of the middle block only (`Transformer.sparse_blocks = "middle"`).
+  dense  every block dense (configs/models/dense.gin)
+  moe    128 experts, each the size of the dense MLP, expert-choice routing
+  pkm    1024² memories, h = 8 heads, top-k 32, query BatchNorm
+  peer   1024² single-neuron experts, h = 8 heads, top-k 16, query BatchNorm
+The model gin file of a method sets everything else about its layer (d_key, activation,
+compute mode, ...); `bindings` pin the hyperparameters that define the grid, so the emitted
+file states them even if the model file changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    model_gin: str  # included after configs/base.gin
+    imports: tuple[str, ...] = ()  # modules the bindings need, e.g. "peer_jax.layers.peer"
+    bindings: tuple[tuple[str, object], ...] = ()  # (gin name, python value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    d_model: int
+    num_heads: int
+
+    @property
+    def tag(self) -> str:
+        return f"L{self.num_layers}_d{self.d_model}_h{self.num_heads}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    name: str
+    budgets: dict[float, tuple[Shape, ...]]  # budget (training FLOPs) -> model shapes
+    methods: tuple[Method, ...]
+    batch_size: int  # sequences per optimizer step
+    seq_len: int
+    vocab_size: int  # model vocabulary (after rounding up to TrainConfig.vocab_multiple)
+    train: tuple[tuple[str, object], ...]  # further TrainConfig bindings (data, eval, logging)
+    warmup_fraction: float = 0.02
+    min_warmup: int = 10
+    description: str = ""
+
+
+def _shapes(*triples) -> tuple[Shape, ...]:
+    return tuple(Shape(*t) for t in triples)
+
+
+def _methods(model_files: dict[str, str], moe: dict, pkm: dict, peer: dict) -> tuple[Method, ...]:
+    def b(prefix, kw):
+        return tuple((f"{prefix}.{k}", v) for k, v in kw.items())
+
+    return (
+        Method("dense", model_files["dense"]),
+        Method("moe", model_files["moe"], ("peer_jax.layers.moe",), b("moe.MoE", moe)),
+        Method("pkm", model_files["pkm"], ("peer_jax.layers.pkm",), b("pkm.PKM", pkm)),
+        Method("peer", model_files["peer"], ("peer_jax.layers.peer",), b("peer.PEER", peer)),
+    )
+
+
+# ----------------------------------------------------------------------------- the paper's grid
+# Batch 128 × 2048 tokens, C4, T5's 32k SentencePiece vocabulary. Shapes (not given in the
+# paper) keep head_dim = 64 and span ~19M-925M non-embedding parameters, centred on the
+# Chinchilla-optimal size of each budget (≈ 150M at 6e18, ≈ 300M at 2e19 non-embedding).
+PAPER_SHAPES = _shapes(
+    (6, 512, 8), (8, 640, 10), (10, 768, 12), (12, 896, 14), (14, 1024, 16), (16, 1280, 20), (20, 1536, 24),
+    (24, 1792, 28),
+)
+PAPER = Grid(
+    name="paper",
+    budgets={6e18: PAPER_SHAPES[:7], 2e19: PAPER_SHAPES[1:]},
+    methods=_methods(
+        {"dense": "configs/models/dense.gin", "moe": "configs/models/moe.gin", "pkm": "configs/models/pkm.gin",
+         "peer": "configs/models/peer.gin"},
+        moe=dict(num_experts=128, routing="expert_choice", capacity_factor=1.0),
+        pkm=dict(num_experts=1024**2, heads=8, top_k=32, query_batchnorm=True),
+        peer=dict(num_experts=1024**2, heads=8, top_k=16, query_batchnorm=True),
+    ),
+    batch_size=128,
+    seq_len=2048,
+    vocab_size=32000,
+    train=(
+        ("train_task", "c4"),
+        ("eval_tasks", ["c4"]),
+        ("streaming", True),
+        ("vocabulary", "spm"),
+        ("spm_path", "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"),
+        ("log_every", 100),
+        ("eval_every", 5000),
+        ("eval_batches", 100),
+        ("checkpoint_every", 1000),
+        ("keep_checkpoints", 2),
+        ("progress_bar", False),
+    ),
+    warmup_fraction=0.02,
+    description="He (2024) isoFLOP study on C4, sparse layer in the middle block.",
+)
+
+# ----------------------------------------------------------------------------- the CPU mini grid
+# Byte-level KJV (the embedded corpus), 16 × 128 tokens per step, evaluated on KJV validation
+# and on Python's help topics (out of domain). Sparse layers scaled down: 16 experts (C = 1
+# slot per expert for the 16-sequence routing group, i.e. one expert per token), 128² memories
+# / experts. Budgets 3e12 and 9e12: about 80 minutes on 2 idle CPU cores for all 32 points.
+MINI_SHAPES = _shapes((2, 64, 2), (3, 96, 3), (4, 128, 4), (5, 160, 5), (6, 192, 6))
+MINI = Grid(
+    name="mini",
+    budgets={3e12: MINI_SHAPES[:4], 9e12: MINI_SHAPES[1:]},
+    methods=_methods(
+        {"dense": "configs/models/dense.gin", "moe": "configs/models/moe_tiny.gin",
+         "pkm": "configs/models/pkm_tiny.gin", "peer": "configs/models/peer_tiny.gin"},
+        moe=dict(num_experts=16, routing="expert_choice", capacity_factor=1.0),
+        pkm=dict(num_experts=128**2, heads=4, top_k=16, query_batchnorm=True),
+        peer=dict(num_experts=128**2, heads=4, top_k=8, query_batchnorm=True),
+    ),
+    batch_size=16,
+    seq_len=128,
+    vocab_size=384,  # 259 byte ids rounded up to TrainConfig.vocab_multiple = 128
+    train=(
+        ("train_task", "kjv"),
+        ("eval_tasks", ["kjv", "pydoc"]),
+        ("vocabulary", "byte"),
+        ("log_every", 20),
+        ("eval_batches", 96),
+        ("checkpoint_every", 200),
+        ("keep_checkpoints", 2),
+        ("progress_bar", False),
+        ("tensorboard", False),
+    ),
+    warmup_fraction=0.05,
+    description="CPU-sized isoFLOP study on the embedded KJV corpus (bytes); eval on KJV validation and pydoc.",
+)
+
+GRIDS = {g.name: g for g in (PAPER, MINI)}

@@ -1,0 +1,291 @@
+"""FLOPs and parameter counts per token for the decoder LM with any FFW type.
+
+Convention (used for every budget, step count and plot of the isoFLOP study)
+-----------------------------------------------------------------------------
+* One multiply-add = 2 FLOPs; an addition or comparison on its own = 1 FLOP.
+* Counted ("model FLOPs"): every matmul against weights (attention q/k/v/out projections,
+  dense and expert MLPs, MoE router, PEER/PKM query networks), the attention score and value
+  products, the product-key sub-key scoring, the h·k² candidate sums of product-key retrieval,
+  PEER's expert dot products u_iᵀx and weighted sums Σ g·σ·v_i, PKM's weighted value sum, and
+  the output logits matmul (d_model × vocab).
+* Not counted: the input-embedding lookup (a gather), norms, activations (GELU/ReLU/SiLU and
+  the gating product), softmaxes (attention, router, PEER/PKM scores), query BatchNorm,
+  rotary embeddings, residual adds, top-k selections, the loss, and the optimizer update.
+  These are O(d) or O(h·k) per token per layer against O(d²) or O(h·k·d) for what is counted.
+* Attention scores cover the **full** T×T square (`causal=False`, the default): that is what
+  `jax.nn.dot_product_attention(is_causal=True)` computes in XLA (it masks, it does not skip),
+  and what Chinchilla counts. `causal=True` halves the term (a flash/splash kernel's work).
+* Training = 3 × forward (the backward pass costs two matmuls per forward matmul).
+* MoE: the experts' MLP FLOPs times the **experts processed per token**. Expert choice
+  processes E·C slots per routing group of S tokens, i.e. E·C/S = capacity_factor per token
+  on average (more when the capacity's floor of 1 binds, see `MoE.capacity`); token choice
+  counts its top_k experts per token. Router: 2·d·E.
+* Not counted but reported in `FlopCount.overhead` (work done by *this* implementation that is
+  not model arithmetic): the one-hot dispatch/combine einsums of the MoE reference path
+  (2·E·C·d each per token) and, for token choice, the unfilled capacity slots
+  (E·C/S − top_k per token) that the buffered expert MLP computes anyway.
+* Rematerialisation (`Transformer.remat`) recomputes the forward pass in the backward; that
+  is hardware work, not model FLOPs, and is not counted.
+
+Per-FFW formulas (forward, per token, d = d_model):
+  dense   2·d·m·(1 or 2 for SwiGLU) + 2·m·d
+  MoE     2·d·E (router) + experts-per-token × dense-MLP FLOPs of one expert
+  PEER    2·d·h·d_key (query) + h·2·√N·d_key (two halves of d_key/2 against √N sub-keys)
+          + h·k² (candidate sums) + 2·h·k·d (u_iᵀx) + 2·h·k·d (Σ g·σ·v_i)
+  PKM     2·d·h·d_key (query) + h·2·√N·d_key + h·k² + 2·h·k·d (embedding bag of values)
+
+`FlopCount.terms` has the counted forward FLOPs per token by named term; `forward`, `train`
+sum them. Against XLA's `cost_analysis()['flops']` of the compiled forward and of
+value_and_grad (tests/test_flops.py, d_model = 256) the counted FLOPs plus `overhead` agree
+to within 0.5-1.5 % (forward) and 0.5-2 % (train); XLA's excess is systematic: it also counts
+one FLOP per element of every elementwise op (norms, GELU, softmaxes, BatchNorm, rotary, the
+loss) and its top-k sort comparisons. Note that XLA counts a `while` loop's body once
+whatever its trip count, so XLA's own figure undercounts anything inside `lax.scan` (PEER's
+gather loops when slot_block < h·k, gradient accumulation), e.g. `compile_report.json`'s
+flops_per_device_step_xla.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from peer_jax.layers.dense import DenseFFW
+from peer_jax.models.transformer import Transformer
+
+TRAIN_MULTIPLIER = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs per token by term (counted) and per-token implementation overhead."""
+
+    terms: Mapping[str, float]
+    overhead: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def forward(self) -> float:
+        return float(sum(self.terms.values()))
+
+    @property
+    def train(self) -> float:
+        return TRAIN_MULTIPLIER * self.forward
+
+    @property
+    def forward_with_overhead(self) -> float:
+        return self.forward + float(sum(self.overhead.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FFWCount:
+    """One FFW module: counted FLOPs, overhead FLOPs and active parameters, per token."""
+
+    terms: dict[str, float]
+    overhead: dict[str, float]
+    active_params: float
+
+
+def abstract_transformer(vocab_size: int, factory: Callable = Transformer, **kwargs) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and attributes, no memory."""
+    return nnx.eval_shape(lambda: factory(vocab_size, rngs=nnx.Rngs(0), **kwargs))
+
+
+# ----------------------------------------------------------------------------- FFW types
+
+
+def dense_ffw(m: DenseFFW, *, seq_len: int, batch_size: int | None) -> FFWCount:
+    del seq_len, batch_size
+    n_in = 2 if m.activation == "swiglu" else 1
+    flops = {"ffw_in": 2.0 * m.d_model * m.mlp_dim * n_in, "ffw_out": 2.0 * m.mlp_dim * m.d_model}
+    return FFWCount(flops, {}, (n_in + 1) * m.d_model * m.mlp_dim)
+
+
+def _moe_group_tokens(m, seq_len: int, batch_size: int | None) -> int:
+    if m.grouping == "position":
+        if m.group_size is None and batch_size is None:
+            raise ValueError("MoE with grouping='position' routes over the batch: pass batch_size (sequences per "
+                             "forward call, i.e. TrainConfig.batch_size / grad_accum_steps) to count its FLOPs.")
+        return m.group_size or batch_size
+    return m.group_size or seq_len
+
+
+def moe_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
+    d, e, f = m.d_model, m.num_experts, m.mlp_dim
+    n_in = 2 if m.activation == "swiglu" else 1
+    expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
+    s = _moe_group_tokens(m, seq_len, batch_size)
+    c = m.capacity(s)
+    slots = e * c / s  # expert-MLP evaluations per token in the buffered computation
+    per_token = slots if m.routing == "expert_choice" else float(m.top_k)
+    terms = {"moe_router": 2.0 * d * e, "moe_experts": per_token * expert_flops}
+    overhead = {"moe_dispatch_combine": 2 * 2.0 * e * c * d}
+    if slots > per_token:
+        overhead["moe_empty_slots"] = (slots - per_token) * expert_flops
+    return FFWCount(terms, overhead, d * e + per_token * (n_in + 1) * d * f)
+
+
+def _product_key_terms(d_model: int, heads: int, d_key: int, n_sub: int, top_k: int) -> dict[str, float]:
+    """Query projection, sub-key scoring (two halves of d_key/2 against n_sub rows), k² sums."""
+    return {
+        "query": 2.0 * d_model * heads * d_key,
+        "key_scores": heads * 2 * (2.0 * n_sub * (d_key // 2)),
+        "candidate_sums": float(heads * top_k * top_k),
+    }
+
+
+def _retrieval_params(m) -> int:
+    """Query kernel, query BatchNorm (scale, bias) and sub-keys of a PEER/PKM layer."""
+    key_params = (m.heads if m.per_head_keys else 1) * 2 * m.n_sub * (m.d_key // 2)
+    bn_params = 2 * m.heads * m.d_key if m.query_bn is not None else 0
+    return m.d_model * m.heads * m.d_key + bn_params + key_params
+
+
+def peer_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
+    """PEER: retrieval + h·k single-neuron experts (σ, softmax, BN not counted)."""
+    del seq_len, batch_size
+    d, h, k = m.d_model, m.heads, m.top_k
+    terms = _product_key_terms(d, h, m.d_key, m.n_sub, k)
+    terms["expert_in"] = 2.0 * h * k * d  # u_iᵀx
+    terms["expert_out"] = 2.0 * h * k * d  # Σ g·σ(u_iᵀx)·v_i
+    return FFWCount(terms, {}, _retrieval_params(m) + 2 * h * k * d)
+
+
+def pkm_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
+    """PKM: retrieval + an embedding bag of h·k value rows (softmax, BN not counted).
+
+    The memories are read linearly (no u_iᵀx, no activation) and have the model width, so
+    the layer has no output projection."""
+    del seq_len, batch_size
+    h, k = m.heads, m.top_k
+    d_value = m.values.shape[-1]
+    terms = _product_key_terms(m.d_model, h, m.d_key, m.n_sub, k)
+    terms["memory_bag"] = 2.0 * h * k * d_value  # Σ g·m_i
+    return FFWCount(terms, {}, _retrieval_params(m) + h * k * d_value)
+
+
+FFW_COUNTERS: dict[str, Callable[..., FFWCount]] = {
+    "DenseFFW": dense_ffw,
+    "MoE": moe_ffw,
+    "PEER": peer_ffw,
+    "PKM": pkm_ffw,
+}
+
+
+def ffw_count(module: nnx.Module, *, seq_len: int, batch_size: int | None = None) -> FFWCount:
+    # By exact class name, not isinstance: PKM subclasses PEER but computes something else.
+    name = type(module).__name__
+    if name not in FFW_COUNTERS:
+        raise ValueError(f"flops: no FLOP formula for FFW type {name}; known: {sorted(FFW_COUNTERS)}.")
+    return FFW_COUNTERS[name](module, seq_len=seq_len, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def attention_terms(d_model: int, num_heads: int, head_dim: int, seq_len: int, causal: bool = False) -> dict[str, float]:
+    inner = num_heads * head_dim
+    ctx = (seq_len + 1) / 2 if causal else seq_len  # keys attended per query, on average
+    return {
+        "attn_qkv": 2.0 * d_model * 3 * inner,
+        "attn_out": 2.0 * inner * d_model,
+        "attn_scores": 2.0 * ctx * inner,  # q·k over the context
+        "attn_values": 2.0 * ctx * inner,  # Σ p·v over the context
+    }
+
+
+def count(model: Transformer, seq_len: int, batch_size: int | None = None, *, causal: bool = False) -> FlopCount:
+    """Forward FLOPs per token of `model` (concrete or abstract) on sequences of `seq_len`.
+
+    `batch_size` (sequences per forward call) is needed only by MoE layers that route over the
+    batch (expert choice with grouping='position').
+    """
+    terms: dict[str, float] = {}
+    overhead: dict[str, float] = {}
+
+    def add(dst, src):
+        for k, v in src.items():
+            dst[k] = dst.get(k, 0.0) + float(v)
+
+    for block in model.blocks:
+        add(terms, attention_terms(model.d_model, model.num_heads, model.head_dim, seq_len, causal))
+        c = ffw_count(block.ffw, seq_len=seq_len, batch_size=batch_size)
+        add(terms, c.terms)
+        add(overhead, c.overhead)
+    terms["logits"] = 2.0 * model.d_model * model.vocab_size
+    return FlopCount(terms, overhead)
+
+
+def forward_flops_per_token(model: Transformer, seq_len: int, batch_size: int | None = None, **kw) -> float:
+    return count(model, seq_len, batch_size, **kw).forward
+
+
+def train_flops_per_token(model: Transformer, seq_len: int, batch_size: int | None = None, **kw) -> float:
+    return count(model, seq_len, batch_size, **kw).train
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _size(x) -> int:
+    return int(np.prod(x.shape))
+
+
+def param_counts(model: Transformer, seq_len: int = 1, batch_size: int | None = None) -> dict[str, float]:
+    """Parameter counts: 'total', 'embedding' (input embedding + untied output projection),
+    'non_embedding', and 'active' / 'active_non_embedding': parameters used per token on
+    average (all dense parameters; a sparse layer's router/query/keys plus the experts,
+    memories or expert MLPs a token is routed to). `seq_len`/`batch_size` matter only for
+    MoE capacity (see `count`)."""
+    params = nnx.state(model, nnx.Param)
+    total = sum(_size(x) for x in jax.tree.leaves(params))
+    embedding = _size(model.embed) + (0 if model.tie_embeddings else _size(model.unembed))
+    non_embedding = total - embedding
+    active = non_embedding
+    for block in model.blocks:
+        ffw = block.ffw
+        ffw_params = sum(_size(x) for x in jax.tree.leaves(nnx.state(ffw, nnx.Param)))
+        active += ffw_count(ffw, seq_len=seq_len, batch_size=batch_size).active_params - ffw_params
+    return {"total": float(total), "embedding": float(embedding), "non_embedding": float(non_embedding),
+            "active_non_embedding": float(active), "active": float(active + embedding)}
+
+
+
+# ----------------------------------------------------------------------------- XLA's count
+
+
+def xla_flops_per_token(model: Transformer, seq_len: int, batch_size: int, *, train: bool = False) -> float:
+    """XLA's `cost_analysis()['flops']` per token of the compiled forward (train=False, eval
+    mode) or of `value_and_grad` of the mean cross-entropy (train=True; no optimizer update).
+
+    `model` may be abstract (`abstract_transformer`): only shapes are needed to compile.
+    Caveat: XLA's cost analysis counts a `while` loop's body **once**, whatever its trip count
+    (jax 0.10, CPU), so anything inside `lax.scan` — the efficient PEER/PKM gather loops when
+    `slot_block < heads·top_k`, gradient accumulation, scanned layers — is undercounted.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def forward(params, rest, tokens):
+        m = nnx.merge(graphdef, params, rest)
+        # capture (and drop) what the layers sow, as the train step does
+        logits, _ = nnx.capture(lambda m, t: m(t, mask=jnp.ones(t.shape, bool), train=train), nnx.Intermediate)(
+            m, tokens)
+        return logits
+
+    def loss(params, rest, tokens):
+        logits = forward(params, rest, tokens)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens))
+
+    fn = jax.value_and_grad(loss) if train else forward
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    cost = jax.jit(fn).lower(params, rest, tokens).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / (batch_size * seq_len)

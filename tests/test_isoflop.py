@@ -1,0 +1,353 @@
+"""isoFLOP tooling: grid generation (configs/isoflop), the sweep runner and the parabola fit.
+
+The shipped grids are regenerated in memory and compared with the files on disk: every point
+file parses with gin, builds abstractly, and its integer step count realises its budget within
+1 %. The runner is tested with a stand-in trainer (fast: skip, resume, summaries) and, marked
+slow, end to end with the real trainer on a two-point grid of tiny models.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+gen = _load("isoflop_generate", REPO / "configs/isoflop/generate.py")
+sweep = _load("isoflop_sweep", REPO / "scripts/isoflop_sweep.py")
+fit = _load("fit_isoflop", REPO / "scripts/fit_isoflop.py")
+grids = gen.grids
+
+
+def _missing_model_files(grid) -> list[str]:
+    return [m.model_gin for m in grid.methods if not (REPO / m.model_gin).exists()]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("grid_name", ["mini", pytest.param("paper", marks=pytest.mark.slow)])
+def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
+    """Regenerates the grid in memory: generate() parses every point's gin text and builds its
+    model with nnx.eval_shape; the files on disk must be exactly what it produces. (The paper
+    grid's 32 distinct models up to 24 layers take ~30 s to build abstractly: slow.)"""
+    grid = grids.GRIDS[grid_name]
+    missing = _missing_model_files(grid)
+    if missing:
+        pytest.skip(f"model gin files not written yet: {missing}")
+    points = gen.generate(grid, write=False)
+    manifest = json.loads((REPO / f"configs/isoflop/{grid_name}/grid.json").read_text())
+    shipped = {e["name"]: e for e in manifest["points"]}
+    assert set(shipped) == set(points), "rerun: python configs/isoflop/generate.py --grid " + grid_name
+    per_budget_method = {}
+    for name, (entry, text) in points.items():
+        assert (REPO / entry["gin_file"]).read_text() == text, f"{entry['gin_file']} is stale"
+        assert shipped[name] == json.loads(json.dumps(entry))
+        assert abs(entry["realised_flops"] / entry["budget"] - 1) <= 0.01
+        assert entry["realised_flops"] == pytest.approx(
+            entry["num_steps"] * grid.batch_size * grid.seq_len * entry["train_flops_per_token"])
+        key = (entry["budget"], entry["method"])
+        per_budget_method[key] = per_budget_method.get(key, 0) + 1
+    assert len(per_budget_method) == len(grid.budgets) * len(grid.methods)
+    assert min(per_budget_method.values()) >= 4
+
+
+def test_paper_grid_files_parse_and_a_sample_builds():
+    """Fast check of the shipped paper grid: every file parses, its step count realises the
+    budget within 1 %, and the smallest model of each method rebuilds to the manifest's FLOPs."""
+    import gin
+
+    from peer_jax import flops, gin_utils
+
+    grid = grids.PAPER
+    if _missing_model_files(grid):
+        pytest.skip(f"model gin files not written yet: {_missing_model_files(grid)}")
+    points = json.loads((REPO / "configs/isoflop/paper/grid.json").read_text())["points"]
+    assert len(points) == sum(len(s) for s in grid.budgets.values()) * len(grid.methods)
+    checked = set()
+    for e in points:
+        text = (REPO / e["gin_file"]).read_text()
+        gin_utils.parse([e["gin_file"]], [])
+        assert gin.query_parameter("config.TrainConfig.num_steps") == e["num_steps"]
+        assert (gin.query_parameter("config.TrainConfig.batch_size"), gin.query_parameter(
+            "config.TrainConfig.seq_len")) == (128, 2048)
+        assert abs(e["num_steps"] * 128 * 2048 * e["train_flops_per_token"] / e["budget"] - 1) <= 0.01
+        if e["method"] not in checked and e["num_layers"] == 6:
+            checked.add(e["method"])
+            _, model, _ = gen.build_model(text, grid.vocab_size)
+            assert flops.count(model, 2048, 128).train == pytest.approx(e["train_flops_per_token"], rel=1e-12)
+    gin.clear_config()
+    assert checked == {m.name for m in grid.methods}
+
+
+def test_paper_grid_matches_the_paper():
+    g = grids.PAPER
+    assert set(g.budgets) == {6e18, 2e19}
+    assert (g.batch_size, g.seq_len) == (128, 2048)
+    m = {x.name: dict(x.bindings) for x in g.methods}
+    assert m["moe"]["moe.MoE.num_experts"] == 128 and m["moe"]["moe.MoE.routing"] == "expert_choice"
+    assert m["pkm"]["pkm.PKM.num_experts"] == 1024**2
+    assert (m["pkm"]["pkm.PKM.heads"], m["pkm"]["pkm.PKM.top_k"]) == (8, 32)
+    assert m["peer"]["peer.PEER.num_experts"] == 1024**2
+    assert (m["peer"]["peer.PEER.heads"], m["peer"]["peer.PEER.top_k"]) == (8, 16)
+    assert dict(g.train)["train_task"] == "c4"
+
+
+def _tiny_grid(tmp_path, steps=(6, 6), shapes=((1, 32, 2), (2, 32, 2))):
+    """A dense grid whose budgets are exact multiples of each model's FLOPs per step."""
+    from peer_jax import flops
+
+    shapes = [grids.Shape(*s) for s in shapes]
+    budgets = {}
+    for shape, n in zip(shapes, steps):
+        model = flops.abstract_transformer(384, num_layers=shape.num_layers, d_model=shape.d_model,
+                                           num_heads=shape.num_heads)
+        budgets[n * 8 * 32 * flops.train_flops_per_token(model, 32, 8)] = (shape,)
+    return grids.Grid(
+        name="tiny", budgets=budgets, methods=(grids.Method("dense", "configs/models/dense.gin"),),
+        batch_size=8, seq_len=32, vocab_size=384,
+        train=(("eval_tasks", ["kjv"]), ("eval_batches", 2), ("checkpoint_every", 3), ("log_every", 1),
+               ("progress_bar", False), ("tensorboard", False), ("vocab_multiple", 128)),
+        warmup_fraction=0.0, min_warmup=2)
+
+
+def test_generator_writes_points_manifest_and_table(tmp_path):
+    grid = _tiny_grid(tmp_path, steps=(120, 90))
+    points = gen.generate(grid, tmp_path)
+    manifest = json.loads((tmp_path / "grid.json").read_text())
+    assert sorted(e["name"] for e in manifest["points"]) == sorted(points) and len(points) == 2
+    for e in manifest["points"]:
+        text = Path(e["gin_file"]).read_text()
+        assert f"num_steps = {e['num_steps']}" in text and 'include "configs/models/dense.gin"' in text
+        assert e["num_steps"] in (120, 90) and e["budget_ratio"] == pytest.approx(1.0)
+    assert "| dense_" in (tmp_path / "grid.md").read_text()
+
+
+def test_generator_refuses_to_miss_the_budget(tmp_path):
+    grid = _tiny_grid(tmp_path, steps=(6, 6))
+    b = next(iter(grid.budgets))
+    bad = grids.Grid(**{**grid.__dict__, "budgets": {b * 6.5 / 6: grid.budgets[b]}})  # 6.5 steps: 7.7 % off
+    with pytest.raises(ValueError, match="off the budget"):
+        gen.generate(bad, tmp_path)
+
+
+# ----------------------------------------------------------------------------- the fit
+
+
+def test_fit_recovers_the_vertex_of_a_parabola():
+    u_star, a, c = math.log(3e6), 0.3, 2.0
+    sizes = [1e6, 2e6, 4e6, 8e6, 1.6e7]
+    pts = [{"name": f"p{i}", "params": n, "tokens": 1e9 / n,
+            "loss": {"kjv": a * (math.log(n) - u_star) ** 2 + c, "pydoc": 2 * a * (math.log(n) - u_star) ** 2 + 3}}
+           for i, n in enumerate(sizes)]
+    f = fit.fit_group("peer", 5e12, pts, ["kjv", "pydoc"], "active_non_embedding")
+    assert f.from_fit and f.optimal_params == pytest.approx(3e6, rel=1e-6)
+    assert f.optimal_loss["kjv"] == pytest.approx(c, abs=1e-9)
+    assert f.optimal_ppl["pydoc"] == pytest.approx(math.exp(3), rel=1e-6)
+    assert f.optimal_tokens == pytest.approx(1e9 / 3e6, rel=1e-6)  # ln tokens is linear in ln params here
+    # Non-convex data: the best observed run, flagged.
+    for p in pts:
+        p["loss"]["kjv"] = -p["loss"]["kjv"]
+    g = fit.fit_group("peer", 5e12, pts, ["kjv", "pydoc"], "active_non_embedding")
+    assert not g.from_fit and g.optimal_params in sizes and "non-convex" in g.note
+
+
+def _fake_summary(root: Path, method, budget, params, loss, status="done"):
+    name = f"{method}_{budget:g}_{params:g}"
+    (root / name).mkdir(parents=True)
+    result = {"step": 10, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval/kjv/loss": loss,
+              "eval/pydoc/loss": loss + 1}
+    (root / name / "summary.json").write_text(json.dumps({
+        "status": status, "result": result, "wall_time_s": 1.0,
+        "point": {"name": name, "method": method, "budget": budget, "tokens": 1e6,
+                  "params": {k: params for k in fit.PARAM_KINDS}}}))
+
+
+def test_fit_script_writes_plot_table_and_json(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for method, shift in (("dense", 0.0), ("peer", -0.2)):
+        for budget, u0 in ((5e12, math.log(4e5)), (1.5e13, math.log(8e5))):
+            for n in (1e5, 3e5, 1e6, 3e6):
+                loss = 2.0 + shift + 0.1 * (math.log(n) - u0) ** 2 + 1e-4 * rng.standard_normal()
+                _fake_summary(tmp_path / "runs", method, budget, n, loss)
+    _fake_summary(tmp_path / "runs", "peer", 5e12, 1e4, 0.1, status="partial")  # ignored
+    assert fit.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "fit")]) == 0
+    out = json.loads((tmp_path / "fit/isoflop_fit.json").read_text())
+    assert out["eval_tasks"] == ["kjv", "pydoc"] and len(out["fits"]) == 4
+    for f in out["fits"]:
+        assert f["from_fit"] and len(f["points"]) == 4
+        expect = 4e5 if f["budget"] == 5e12 else 8e5
+        assert f["optimal_params"] == pytest.approx(expect, rel=0.05)
+    table = (tmp_path / "fit/isoflop_table.md").read_text()
+    assert "| method, budget | kjv | pydoc |" in table and "| PEER 1.5e13 |" in table and "| Dense 5e12 |" in table
+    for png in ("isoflop.png", "isoflop_pydoc.png"):
+        assert (tmp_path / "fit" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- the runner
+
+FAKE_TRAINER = textwrap.dedent("""
+    # Stand-in for `python -m peer_jax.train`: 'trains' to num_steps from the gin file (or a
+    # --gin num_steps override), resuming from checkpoints/<step>; FAKE_STOP_AT=k stops at k;
+    # FAKE_STEP_S=s makes each step take s seconds, and SIGTERM stops after the current step.
+    import json, os, re, signal, sys, time
+    from pathlib import Path
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    steps = int(re.search(r"num_steps = (\\d+)", Path(args["gin_file"]).read_text()).group(1))
+    steps = int(args.get("gin.config.TrainConfig.num_steps", steps))
+    work = Path(args["workdir"]); (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    done = [int(p.name) for p in (work / "checkpoints").iterdir()]
+    start = max(done, default=0)
+    stop = min(steps, int(os.environ.get("FAKE_STOP_AT", steps)))
+    with open(work / "starts.txt", "a") as f:
+        f.write(f"{start} {os.environ.get('WANDB_MODE')}\\n")
+    step = start
+    while step < stop and not stop_requested:
+        time.sleep(float(os.environ.get("FAKE_STEP_S", 0)))
+        step += 1
+        (work / "checkpoints" / str(step)).mkdir(exist_ok=True)
+    stop = step
+    result = {"step": stop, "params": 1}
+    if stop == steps:
+        result.update({"eval_loss": 1.5, "eval/kjv/loss": 1.5, "eval/kjv/ppl": 4.48})
+    (work / "result.json").write_text(json.dumps(result))
+""")
+
+
+@pytest.fixture()
+def fake_grid(tmp_path):
+    points = []
+    for name, steps in (("dense_a", 5), ("dense_b", 7)):
+        gin = tmp_path / f"{name}.gin"
+        gin.write_text(f"config.TrainConfig.num_steps = {steps}\n")
+        points.append({"name": name, "gin_file": str(gin), "num_steps": steps, "method": "dense", "budget": 1e9,
+                       "realised_flops": 1e9})
+    (tmp_path / "grid.json").write_text(json.dumps({"points": points}))
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
+    return tmp_path
+
+
+def _fake_command(tmp_path):
+    def command(point, workdir, gin_args):
+        return [sys.executable, str(tmp_path / "fake_train.py"), f"--gin_file={point['gin_file']}",
+                f"--workdir={workdir}", *gin_args]
+    return command
+
+
+def test_runner_runs_skips_and_resumes(fake_grid, tmp_path, monkeypatch):
+    points = sweep.load_points(fake_grid)
+    root = tmp_path / "runs"
+    cmd = _fake_command(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the runner sets 'disabled' for its children
+    monkeypatch.setenv("FAKE_STOP_AT", "3")  # both points 'interrupted' after a checkpoint at step 3
+    assert sweep.run_grid(points, root, command=cmd, poll_s=0.01, log=lambda *_: None) == {
+        "dense_a": "partial", "dense_b": "partial"}
+    monkeypatch.delenv("FAKE_STOP_AT")
+    assert sweep.run_grid(points, root, jobs=2, command=cmd, poll_s=0.01, log=lambda *_: None) == {
+        "dense_a": "done", "dense_b": "done"}
+    for name in ("dense_a", "dense_b"):
+        starts = (root / name / "starts.txt").read_text().split()
+        assert starts == ["0", "disabled", "3", "disabled"]  # resumed from its checkpoint; wandb off
+        s = json.loads((root / name / "summary.json").read_text())
+        assert s["status"] == "done" and len(s["attempts"]) == 2 and s["wall_time_s"] > 0
+        assert s["eval"]["eval_loss"] == 1.5 and s["point"]["method"] == "dense"
+    logs = []
+    assert set(sweep.run_grid(points, root, command=cmd, poll_s=0.01, log=logs.append).values()) == {"done"}
+    assert all(line.startswith("skip") for line in logs)
+    assert len((root / "dense_a" / "starts.txt").read_text().split()) == 4  # nothing ran again
+    # A larger step count (a --gin override) makes the point unfinished again.
+    assert sweep.run_grid(points[:1], root, gin_args=["--gin.config.TrainConfig.num_steps=9"], command=cmd,
+                          poll_s=0.01, log=lambda *_: None) == {"dense_a": "done"}
+    assert json.loads((root / "dense_a" / "result.json").read_text())["step"] == 9
+
+
+def test_sigterm_to_the_sweep_stops_children_cleanly_and_they_resume(fake_grid, tmp_path, monkeypatch):
+    import signal
+    import threading
+
+    points = sweep.load_points(fake_grid)
+    root = tmp_path / "runs"
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    first_ckpt = root / "dense_a" / "checkpoints" / "1"
+
+    def interrupt():
+        deadline = time.time() + 30
+        while not first_ckpt.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # the sweep forwards it to its running child
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    statuses = sweep.run_grid(points, root, command=_fake_command(tmp_path), poll_s=0.02, log=lambda *_: None)
+    t.join()
+    assert statuses == {"dense_a": "partial", "dense_b": "not started"}
+    step = json.loads((root / "dense_a" / "result.json").read_text())["step"]
+    assert 1 <= step < 5
+    monkeypatch.setenv("FAKE_STEP_S", "0")
+    assert set(sweep.run_grid(points, root, command=_fake_command(tmp_path), poll_s=0.01,
+                              log=lambda *_: None).values()) == {"done"}
+    assert (root / "dense_a" / "starts.txt").read_text().split()[::2] == ["0", str(step)]
+
+
+def test_print_commands_for_a_pod(fake_grid, tmp_path, capsys):
+    root = tmp_path / "runs"
+    (root / "dense_a").mkdir(parents=True)
+    (root / "dense_a" / "result.json").write_text(json.dumps({"step": 5, "eval_loss": 1.0}))
+    assert sweep.main([str(fake_grid), "--root", str(root), "--print_commands",
+                       "--launcher", "gcloud compute tpus tpu-vm ssh pod --worker=all --command={cmd}"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("gcloud")]
+    assert len(lines) == 1 and "dense_b" in lines[0] and "--distributed" in lines[0]  # dense_a is finished
+    assert "-m peer_jax.train" in lines[0] and "WANDB_MODE" in lines[0]
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_the_trainer(tmp_path):
+    """Two tiny points through the real CLI: interrupted + resumed, finished, skipped on re-run."""
+    grid = _tiny_grid(tmp_path)
+    gen.generate(grid, tmp_path / "grid")
+    root = tmp_path / "runs"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env.pop("WANDB_MODE", None)
+    cli = [sys.executable, str(REPO / "scripts/isoflop_sweep.py"), str(tmp_path / "grid"), "--root", str(root)]
+    points = sweep.load_points(tmp_path / "grid")
+    first = points[0]["name"]
+    # An interrupted run: the first point gets to step 3 (checkpoint) and its result is lost.
+    r = subprocess.run(cli + ["--only", first, "--gin.config.TrainConfig.num_steps=3"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (root / first / "result.json").unlink()
+    r = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resume {first}" in r.stdout
+    assert "resumed from step 3" in (root / first / "train.log").read_text()
+    for p in points:
+        s = json.loads((root / p["name"] / "summary.json").read_text())
+        assert s["status"] == "done" and s["step"] == p["num_steps"] == 6
+        assert math.isfinite(s["eval"]["eval_loss"]) and s["wall_time_s"] > 0
+        assert (root / p["name"] / "operative_config.gin").exists()
+    rows = [json.loads(x) for x in (root / first / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    r = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.count("skip") == 2, r.stdout
+    assert fit.main(["--root", str(root), "--out", str(tmp_path / "fit")]) == 0
