@@ -189,6 +189,30 @@ def test_primitives_match_naive(block):
     assert_trees_close(eff, naive)
 
 
+def test_chunked_routing_matches_unchunked(naive_and_efficient):
+    """route_chunk_tokens=2 (one position per lax.map step here, B = 2) == no chunking (the
+    default 512 exceeds these B·T = 10 tokens): outputs, all gradients, sown mass and batch
+    statistics."""
+    chunked = run(make(compute="efficient", route_chunk_tokens=2), X, MASK, train=True)
+    assert_trees_close(chunked, naive_and_efficient["efficient"])
+    assert_trees_close(chunked, naive_and_efficient["naive"])
+
+
+def test_project_vjp_matches_autodiff():
+    """The query projection's custom VJP == autodiff of the plain einsum (nnx.Linear's math)."""
+    from peer_jax.layers.peer import _project
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
+    got, want = jax.jit(lambda: (
+        (_project(x, w), jax.grad(lambda x, w: jnp.sum(_project(x, w) * ct), argnums=(0, 1))(x, w)),
+        (x @ w, jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)),
+    ))()
+    assert_trees_close(got, want)
+
+
 def test_k1_is_dynamic_mlp():
     """With top_k = 1 (softmax weight 1), PEER is an MLP whose h hidden units are the
     retrieved experts: y = Σ_h σ(u_{i_h}ᵀx) v_{i_h}."""
@@ -274,6 +298,7 @@ def test_real_init_and_dtypes():
         (dict(score_fn="relu"), "score_fn='relu' is unknown"),
         (dict(compute="fast"), "compute='fast' is unknown"),
         (dict(slot_block=0), "slot_block=0"),
+        (dict(route_chunk_tokens=0), "route_chunk_tokens=0"),
     ],
 )
 def test_invalid_configs(kw, match):

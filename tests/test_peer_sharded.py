@@ -87,15 +87,20 @@ def assert_trees_close(a, b):
 
 
 @pytest.mark.parametrize(
-    "compute,mesh_shape",
-    [("efficient", (2, 1, 4)), ("naive", (2, 1, 4)), ("efficient", (2, 2, 2))],
-    ids=["efficient-d2e1m4", "naive-d2e1m4", "efficient-d2e2m2"],
+    "compute,mesh_shape,kw",
+    [("efficient", (2, 1, 4), {}), ("naive", (2, 1, 4), {}), ("efficient", (2, 2, 2), {"route_chunk_tokens": 1})],
+    ids=["efficient-d2e1m4", "naive-d2e1m4", "efficient-d2e2m2-chunked-routing"],
 )
-def test_sharded_matches_single_device(compute, mesh_shape):
+def test_sharded_matches_single_device(compute, mesh_shape, kw):
     """Values, grads (x, u, v, query, sub-keys, BN), sown mass and batch stats. With expert=2
-    the table rows are also sharded (over `expert`) and tokens over (data, expert)."""
+    the table rows are also sharded (over `expert`) and tokens over (data, expert); that case also
+    runs the product-key search one sequence position per step (1 token per device, B = 4 over 4
+    batch shards) on the batch-sharded queries, against the unchunked single-device reference
+    (the d2e1m4 cases cover the unchunked search)."""
     want = run_single(compute)
-    got, jaxpr, placed = run_sharded(make(compute=compute), mesh_shape)
+    got, jaxpr, placed = run_sharded(make(compute=compute, **kw), mesh_shape)
+    if kw:  # the product-key search really ran as a 3-step loop (T = 3 positions)
+        assert "length=3" in jaxpr
     assert "shard_map" in jaxpr and "psum" in jaxpr
     assert placed["u"][...].sharding.spec == P("expert", "model")
     assert_trees_close(got, want)

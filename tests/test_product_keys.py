@@ -8,6 +8,7 @@ import pytest
 from peer_jax.layers.product_keys import (
     brute_force_scores,
     brute_force_topk,
+    candidate_pairs,
     full_keys,
     product_key_topk,
 )
@@ -146,3 +147,44 @@ def test_approx_topk_is_consistent():
 def test_shape_errors(q_shape, k_shape, top_k, match):
     with pytest.raises(ValueError, match=match):
         product_key_topk(jnp.zeros(q_shape), jnp.zeros(k_shape), top_k)
+
+
+def test_candidate_pairs_are_the_down_closed_triangle():
+    ci, cj = candidate_pairs(16)
+    assert len(ci) == 50 and len(candidate_pairs(32)[0]) == 119  # Σ_i ⌊k/(i+1)⌋
+    assert ((ci + 1) * (cj + 1) <= 16).all() and len(set(zip(ci.tolist(), cj.tolist()))) == 50
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 16])
+def test_pruned_candidates_keep_the_top_k_values(k):
+    """Adversarial: sorted half scores with many exact ties (small integers). The top-k values
+    over the pruned pairs equal those over all k² sums."""
+    rng = np.random.default_rng(k)
+    s1 = -np.sort(-rng.integers(-3, 4, (500, k)).astype(np.float32), -1)
+    s2 = -np.sort(-rng.integers(-3, 4, (500, k)).astype(np.float32), -1)
+    full = np.sort((s1[:, :, None] + s2[:, None, :]).reshape(500, -1), -1)[:, ::-1][:, :k]
+    ci, cj = candidate_pairs(k)
+    pruned = np.sort(s1[:, ci] + s2[:, cj], -1)[:, ::-1][:, :k]
+    np.testing.assert_array_equal(pruned, full)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_chunked_equals_unchunked(per_head):
+    """chunk_tokens splits axis -3 (sequence) into lax.map steps, padding the last one:
+    identical scores and indices; gradients equal up to float summation order (the key
+    gradient is accumulated chunk by chunk)."""
+    q, keys = _inputs(21, (2, 7), 3, 8, 8, jnp.float32, per_head)  # [B=2, T=7, h=3, d_key=8]
+    w = jnp.asarray(np.random.default_rng(22).standard_normal((2, 7, 3, 4)), jnp.float32)
+
+    def run(chunk):
+        def loss(q, k):
+            s, _ = product_key_topk(q, k, 4, chunk_tokens=chunk)
+            return jnp.sum(w * s)
+
+        return product_key_topk(q, keys, 4, chunk_tokens=chunk), jax.grad(loss, argnums=(0, 1))(q, keys)
+
+    (ref, ref_g), (got, got_g), (got3, got3_g) = jax.jit(lambda: (run(None), run(4), run(6)))()
+    np.testing.assert_array_equal(got[1], ref[1])  # chunks of 2 positions: 4 steps, last padded
+    np.testing.assert_array_equal(got3[1], ref[1])  # chunks of 3 positions: 3 steps, last padded
+    for a, b in zip(jax.tree.leaves((got[0], got_g, got3[0], got3_g)), jax.tree.leaves((ref[0], ref_g, ref[0], ref_g))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -14,8 +14,11 @@ a discrete top-k, where bf16 rounding would create spurious ties.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _check_shapes(queries: jax.Array, sub_keys: jax.Array, top_k: int) -> tuple[int, bool]:
@@ -69,6 +72,7 @@ def product_key_topk(
     *,
     approx: bool = False,
     recall_target: float = 0.95,
+    chunk_tokens: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k of ``qᵀ[c_a ; c'_b]`` over all ``n²`` product keys.
 
@@ -82,12 +86,40 @@ def product_key_topk(
         is lost. The final top-k over the k² candidates stays exact. On CPU/GPU XLA falls back
         to an exact sort, so this mainly matters on TPU.
       recall_target: recall target passed to ``approx_max_k``.
+      chunk_tokens: if set and ``queries`` has ≥ 3 dims, process about this many queries
+        (positions along axis -3 times the leading dims) per ``lax.map`` step. Same results; the
+        ``[tokens, heads, n]`` score arrays and their gradients then exist one chunk at a time
+        (cache-resident instead of ``4·heads·n`` floats per token of fresh memory: 25-30 % less
+        CPU time for this function's forward+backward at n = 256, h = 8, 2048 tokens in chunks
+        of 128-512, measured). Axis -3 (sequence length) is never sharded, so the chunking
+        composes with batch sharding; ``chunk_tokens`` counts global tokens (PEER scales it by
+        the number of batch shards).
 
     Returns:
       ``(scores, indices)``, each ``[..., heads, top_k]``: float32 scores sorted descending and
       int32 item indices ``a·n + b``.
     """
     n, per_head = _check_shapes(queries, sub_keys, top_k)
+    if chunk_tokens is not None and queries.ndim >= 3:
+        lead, t = queries.shape[:-3], queries.shape[-3]
+        c = max(1, chunk_tokens // max(1, math.prod(lead)))  # positions per chunk
+        if c < t:
+            return _chunked(queries, sub_keys, top_k, c, approx, recall_target)
+    return _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target)
+
+
+def _chunked(queries, sub_keys, top_k, c, approx, recall_target):
+    """``product_key_topk`` over chunks of ``c`` positions of axis -3 (padded to a multiple)."""
+    *lead, t, h, dk = queries.shape
+    pad = -t % c
+    q = jnp.pad(queries, [(0, 0)] * len(lead) + [(0, pad), (0, 0), (0, 0)]) if pad else queries
+    q = jnp.moveaxis(q.reshape(*lead, (t + pad) // c, c, h, dk), -4, 0)
+    s, i = jax.lax.map(lambda qc: product_key_topk(qc, sub_keys, top_k, approx=approx, recall_target=recall_target), q)
+    s, i = (jnp.moveaxis(a, 0, -4).reshape(*lead, t + pad, h, top_k)[..., :t, :, :] for a in (s, i))
+    return s, i
+
+
+def _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target):
     half = queries.shape[-1] // 2
     q1, q2 = queries[..., :half], queries[..., half:]
     k1, k2 = (sub_keys[:, 0], sub_keys[:, 1]) if per_head else (sub_keys[0], sub_keys[1])
@@ -96,12 +128,34 @@ def product_key_topk(
 
     s1, i1 = _top_k(_half_scores(q1, k1, per_head), top_k, approx, recall_target)
     s2, i2 = _top_k(_half_scores(q2, k2, per_head), top_k, approx, recall_target)
-    # k² candidate sums, row-major: candidate j = (a_pos, b_pos) = (j // k, j % k).
-    cand = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:-1], top_k * top_k)
+    # Candidate sums s1[i] + s2[j] over the pairs that can reach the top-k (see candidate_pairs).
+    ci, cj = candidate_pairs(top_k)
+    # All k² sums, then the candidate columns by one static gather. (Slicing s1, s2 per row of
+    # the triangle instead would stop XLA:CPU from recognising sort+slice as its TopK kernel:
+    # the two half top-k's become full sorts, ~50× slower.)
+    full = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:-1], top_k * top_k)
+    cand = full[..., ci * top_k + cj]
     scores, j = jax.lax.top_k(cand, top_k)
-    a = jnp.take_along_axis(i1, j // top_k, axis=-1)
-    b = jnp.take_along_axis(i2, j % top_k, axis=-1)
+    a = jnp.take_along_axis(i1, jnp.asarray(ci)[j], axis=-1)
+    b = jnp.take_along_axis(i2, jnp.asarray(cj)[j], axis=-1)
     return scores, (a * n + b).astype(jnp.int32)
+
+
+def candidate_pairs(top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(i, j)`` in the two sorted half-top-k lists with ``(i+1)·(j+1) ≤ top_k``.
+
+    With ``s1``, ``s2`` sorted descending, the candidate ``s1[i] + s2[j]`` is ≤ every candidate
+    ``s1[i'] + s2[j']`` with ``i' ≤ i, j' ≤ j``: those ``(i+1)·(j+1)`` candidates form a
+    down-closed set. The top-k *values* of all k² candidates are therefore taken by a down-closed
+    set of k candidates (the strictly larger ones first, then ties), and every member of a
+    down-closed set of size k has ``(i+1)·(j+1) ≤ k``. So the top-k over these pairs is exactly
+    the top-k over all k² (up to which of equal-scored items is returned) at a fraction of the
+    cost: Σ_i ⌊k/(i+1)⌋ ≈ k·ln k pairs, 50 instead of 256 for k = 16, 119 instead of 1024 for 32.
+    Ordered by i, then j (the column order in which ``product_key_topk`` gathers them).
+    """
+    pairs = [(i, j) for i in range(top_k) for j in range(top_k // (i + 1))]
+    ci, cj = (np.asarray(v, np.int32) for v in zip(*pairs))
+    return ci, cj
 
 
 def full_keys(sub_keys: jax.Array) -> jax.Array:
