@@ -73,3 +73,27 @@ def test_mesh_errors_name_the_setting():
         sharding.make_mesh((-1, 3, 1))
     with pytest.raises(ValueError, match="preset"):
         sharding.get_rules("nope")
+
+
+def test_optimizer_moments_are_sharded_like_params_and_expert_parallel_moe_starts():
+    """Adam's mu/nu follow their parameter's sharding (not replicated), and a MoE model builds
+    on a mesh with an expert axis (the stats probe must not trip the expert-parallel checks)."""
+    from peer_jax.layers.moe import MoE
+    from peer_jax.training import optim
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    rules = sharding.RULES_DEFAULT
+    tx, _ = optim.make_optimizer(10)
+    factory = functools.partial(Transformer, num_layers=2, d_model=32, num_heads=2,
+                                sparse_ffw=functools.partial(MoE, num_experts=4))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        _, state, _ = step_lib.create_train_state(factory, tx, V, T, 0, mesh, rules)
+        _, abstract, _ = step_lib.abstract_train_state(factory, tx, V, T, mesh, rules)
+    adam = state["opt_state"][1][0]
+    for moments in (adam.mu, adam.nu, abstract["opt_state"][1][0].mu):
+        jax.tree.map(lambda m, p: assert_same_spec(m, p), moments, state["params"])
+    assert state["params"]["blocks"][1]["ffw"]["w_in"].sharding.spec == jax.sharding.PartitionSpec("expert", None, "model")
+
+
+def assert_same_spec(a, b):
+    assert a.sharding.spec == b.sharding.spec, (a.sharding.spec, b.sharding.spec)

@@ -87,6 +87,29 @@ def init_model_state(model_factory, vocab_size: int, seed: int, mesh, rules):
     return graphdef, params, rest, p_shard, r_shard
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
+    """Shardings of the optimizer state: a leaf that mirrors a parameter (same key-path suffix and
+    shape, e.g. Adam's mu/nu) gets that parameter's sharding, anything else is replicated.
+
+    Letting the compiler choose from `jax.jit(tx.init)` replicates the moments, because
+    `zeros_like(params)` carries no data dependence on the parameters' layout.
+    """
+    by_path = {}
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)):
+        by_path[tuple(str(k) for k in path)] = (tuple(leaf.shape), shard)
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for n in range(len(keys)):
+            hit = by_path.get(keys[n:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+
+
 def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the `expert_mass` entries the sparse layers sow (found by abstract evaluation)."""
     def run(params, model_state):
@@ -95,7 +118,11 @@ def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, 
         batch = {"inputs": tokens, "positions": tokens, "segment_ids": tokens + 1}
         return apply_model(model, batch, train=False)[1]
 
-    out = jax.eval_shape(run, params, model_state)
+    # Traced without the mesh: the shapes don't depend on it, and sharded layers (expert-
+    # parallel MoE) would reject a one-sequence batch that cannot split over the mesh.
+    strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        out = jax.eval_shape(run, strip(params), strip(model_state))
     return {k: v.shape for k, v in out.items() if k.endswith("expert_mass")}
 
 
@@ -103,7 +130,8 @@ def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_si
                        mesh, rules) -> tuple[ModelSetup, TrainState, TrainState]:
     """(setup, state, state_shardings) with the optimizer state sharded like the parameters."""
     graphdef, params, rest, p_shard, r_shard = init_model_state(model_factory, vocab_size, seed, mesh, rules)
-    opt_state = jax.jit(tx.init)(params)  # sharding propagates from the params
+    opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
     masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
     replicated = NamedSharding(mesh, P())
     state = {
@@ -135,8 +163,8 @@ def abstract_train_state(model_factory, tx: optax.GradientTransformation, vocab_
     sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     params = jax.tree.map(sds, _pure(abs_params), p_shard)
     rest = jax.tree.map(sds, _pure(abs_rest), r_shard)
-    init = jax.jit(tx.init).trace(params).lower().compile()
-    opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), init.output_shardings)
+    opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
+    opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), opt_shard)
     masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
     replicated = NamedSharding(mesh, P())
     state = {
