@@ -22,8 +22,8 @@ pytestmark = [
                               "`bash launch/setup_aot_venv.sh` and run with .venv-tpu/bin/python"),
 ]
 
-# A small model on a 2x2 v5e slice: 2 data x 2 model, so tensor-parallel shardings and the
-# sparse layers' shard_map paths are compiled by the TPU compiler.
+# A small model on a 2x2 v5e slice with model (and expert) axes of 2, so that tensor-parallel
+# shardings and the sparse layers' shard_map paths are compiled by the TPU compiler.
 TINY = ["transformer.Transformer.num_layers = 2", "transformer.Transformer.d_model = 64",
         "transformer.Transformer.num_heads = 2", "config.TrainConfig.batch_size = 8",
         "config.TrainConfig.seq_len = 64"]
