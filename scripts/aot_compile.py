@@ -19,8 +19,9 @@ of `peer_jax.flops`; and *optimistic* timing bounds:
   step time that assumes every FLOP runs on the MXU at peak;
 * roofline bound: max(compute bound, bytes accessed per device / HBM bandwidth);
 * MFU at either bound: model FLOPs per step / (devices · peak · bound), i.e. an *upper*
-  bound on MFU. Communication (ICI/DCN collectives), pipeline bubbles between ops, the
-  host input pipeline and the per-op (rather than whole-program) roofline are ignored.
+  bound on MFU. Communication (ICI/DCN collectives), gaps between ops and the host input
+  pipeline are ignored, and "bytes accessed" is XLA's static per-op estimate (fusion operands
+  counted whole; a while/scan body counted once), so the HBM term is indicative, not exact.
 
 A program that does not fit in HBM fails to compile with RESOURCE_EXHAUSTED; that is
 reported with the compiler's message. Exit status: 0 fits, 1 does not fit, 2 bad arguments

@@ -9,6 +9,7 @@ also plain `eval_loss`/`eval_ppl`). wandb runs only when a project is configured
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from etils import epath
@@ -55,7 +56,10 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            try:
+                self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            except ImportError as e:  # gs:// needs google-cloud-storage, which is not a dependency
+                logging.getLogger("peer_jax").warning("tensorboard disabled for %s: %s", workdir, e)
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", "offline")
             import wandb
