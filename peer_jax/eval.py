@@ -1,4 +1,4 @@
-"""`python -m peer_jax.eval --gin_file=F --checkpoint_dir=DIR/checkpoints [--tasks=c4,lambada] [--step=N]`.
+"""`python -m peer_jax.eval --gin_file=F --checkpoint_dir=DIR/checkpoints [--tasks=c4,lambada] [--step=N] [--distributed]`.
 
 Restores a checkpoint (latest or `--step`) into the run's shardings and reports token-level
 loss and perplexity on each eval task (padding never counts; the last partial batch is padded
@@ -63,23 +63,25 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from peer_jax import gin_utils
 
-    argv = sys.argv[1:] if argv is None else argv
+    def add_arguments(parser):
+        parser.add_argument("--checkpoint_dir", required=True, help="the run's checkpoints directory")
+        parser.add_argument("--tasks", default=None,
+                            help="comma-separated eval tasks (default: the config's eval_tasks)")
+        parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+        parser.add_argument("--max_batches", type=int, default=None, help="limit per task (default: the whole split)")
+        parser.add_argument("--batch_size", type=int, default=None)
+
     try:
-        bindings, rest = gin_utils.split_gin_args(argv)
+        args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
     except gin_utils.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    parser = gin_utils.common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint_dir", required=True, help="the run's checkpoints directory")
-    parser.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: the config's eval_tasks)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--max_batches", type=int, default=None, help="limit per task (default: the whole split)")
-    parser.add_argument("--batch_size", type=int, default=None)
-    args = parser.parse_args(rest)
+        return gin_utils.fail(e)
     logging.basicConfig(level=logging.WARNING)
 
     import gin
+    import jax
 
+    if args.distributed:
+        jax.distributed.initialize()
     from peer_jax.training.checkpoint import CheckpointError
     from peer_jax.training.config import TrainConfig
 
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         tasks = args.tasks.split(",") if args.tasks else list(cfg.eval_tasks)
         result = run_eval(cfg, args.checkpoint_dir, tasks, args.step, args.max_batches, args.batch_size)
     except (gin_utils.ConfigError, ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    out = epath.Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+        return gin_utils.fail(e)
+    if jax.process_index() == 0:  # every host evaluates its share; one writes
+        print(format_table(result))
+        out = epath.Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gin
@@ -60,8 +62,31 @@ def _first_line(e: BaseException) -> str:
     return msg[0] if msg else type(e).__name__
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
+def common_parser(description: str, distributed: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 epilog="Gin bindings: --gin.NAME=VALUE (repeatable), applied after the gin files.")
     p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    if distributed:
+        p.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-host TPU pods: run on every host)")
     return p
+
+
+def command_line(argv: list[str] | None, description: str,
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 distributed: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """(parsed arguments, gin bindings) of a `--gin_file=F --gin.NAME=VALUE ...` command line.
+
+    Raises ConfigError for a malformed binding; argparse exits (status 2) on unknown flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    bindings, rest = split_gin_args(argv)
+    parser = common_parser(description, distributed)
+    if add_arguments is not None:
+        add_arguments(parser)
+    return parser.parse_args(rest), bindings
+
+
+def fail(error: BaseException | str, status: int = 2) -> int:
+    """Prints `error: <message>` on stderr and returns the exit status (2: bad configuration)."""
+    print(f"error: {error}", file=sys.stderr)
+    return status

@@ -21,17 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main(argv: list[str] | None = None) -> int:
     from peer_jax import gin_utils
 
-    argv = sys.argv[1:] if argv is None else argv
+    def add_arguments(parser):
+        parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+
     try:
-        bindings, rest = gin_utils.split_gin_args(argv)
+        args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
     except gin_utils.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    parser = gin_utils.common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() (multi-host TPU pods)")
-    args = parser.parse_args(rest)
+        return gin_utils.fail(e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -50,19 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = gin.get_configurable(TrainConfig)()
         gin.finalize()
     except (gin_utils.ConfigError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return gin_utils.fail(e)
     workdir = epath.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
         result = loop.train(cfg, str(workdir), on_start=lambda: _write_operative_config(workdir))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return gin_utils.fail(e)
     except loop.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return gin_utils.fail(e, status=3)
     result["wall_time_s"] = time.time() - t0
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=1))

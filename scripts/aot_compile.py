@@ -334,40 +334,38 @@ def main(argv: list[str] | None = None) -> int:
     from peer_jax import gin_utils
 
     argv = sys.argv[1:] if argv is None else argv
+
+    def add_arguments(p):
+        p.add_argument("--topology", required=True,
+                       help="GENERATION:SHAPE, e.g. v5e:16x16 (v5litepod-256), v4:4x4x4 (v4-128), v5p:4x4x4 (v5p-128)")
+        p.add_argument("--mesh_shape", help="data,expert,model (one may be -1); default TrainConfig.mesh_shape")
+        p.add_argument("--rules", choices=("default", "fsdp", "data_parallel"),
+                       help="sharding rules preset; default TrainConfig.sharding_rules")
+        p.add_argument("--vocab_size", type=int, help="tokenizer vocabulary size (needed when spm_path is remote)")
+        p.add_argument("--chip_config", help="libtpu chip config (default: megacore for v4, else default)")
+        p.add_argument("--json", help="write the report as JSON here")
+
     try:
-        bindings, rest = gin_utils.split_gin_args(argv)
+        args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments)
     except gin_utils.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    p = gin_utils.common_parser(__doc__.splitlines()[0])
-    p.add_argument("--topology", required=True,
-                   help="GENERATION:SHAPE, e.g. v5e:16x16 (v5litepod-256), v4:4x4x4 (v4-128), v5p:4x4x4 (v5p-128)")
-    p.add_argument("--mesh_shape", help="data,expert,model (one may be -1); default TrainConfig.mesh_shape")
-    p.add_argument("--rules", choices=("default", "fsdp", "data_parallel"),
-                   help="sharding rules preset; default TrainConfig.sharding_rules")
-    p.add_argument("--vocab_size", type=int, help="tokenizer vocabulary size (needed when spm_path is remote)")
-    p.add_argument("--chip_config", help="libtpu chip config (default: megacore for v4, else default)")
-    p.add_argument("--json", help="write the report as JSON here")
-    args = p.parse_args(rest)
+        return gin_utils.fail(e)
     if not args.gin_file:
-        p.error("--gin_file is required")
+        return gin_utils.fail("--gin_file is required, e.g. --gin_file=configs/isoflop/paper/peer_2e19_L16_d1280_h20.gin")
     if not libtpu_available():
-        print("error: libtpu is not importable in this Python environment. Create the AOT environment with "
-              "`bash launch/setup_aot_venv.sh` and run this script with .venv-tpu/bin/python "
-              "(see launch/README.md).", file=sys.stderr)
-        return 2
+        return gin_utils.fail("libtpu is not importable in this Python environment. Create the AOT environment "
+                              "with `bash launch/setup_aot_venv.sh` and run this script with .venv-tpu/bin/python "
+                              "(see launch/README.md).")
     mesh_shape = None
     if args.mesh_shape:
         try:
             mesh_shape = tuple(int(s) for s in args.mesh_shape.strip("()").split(","))
         except ValueError:
-            p.error(f"--mesh_shape={args.mesh_shape!r}: write data,expert,model, e.g. -1,1,4")
+            return gin_utils.fail(f"--mesh_shape={args.mesh_shape!r}: write data,expert,model, e.g. -1,1,4")
     try:
         report = compile_train_step(args.gin_file, bindings, args.topology, mesh_shape=mesh_shape, rules=args.rules,
                                     vocab_size=args.vocab_size, chip_config=args.chip_config)
     except (gin_utils.ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return gin_utils.fail(e)
     report["command"] = " ".join(["scripts/aot_compile.py", *argv])
     print(format_report(report))
     if args.json:

@@ -1,5 +1,9 @@
 """Table of finished runs: parameters, active parameters per token, step time, eval perplexity.
 
+Runs with PEER/PKM layers (or MoE) also get their eval expert statistics: usage (% of experts
+given any router mass over the eval set) and unevenness (KL of the mass to uniform), one
+column pair per eval task and sparse layer.
+
     python scripts/compare_runs.py runs/tiny_cpu runs/tiny_cpu_moe runs/tiny_cpu_pkm runs/tiny_cpu_peer
 
 Each run directory must hold operative_config.gin, metrics.jsonl and result.json (written by
@@ -44,6 +48,12 @@ def describe(run: Path) -> dict:
     }
 
 
+def _stat(value: float | None, key: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if key.endswith("/usage") else f"{value:.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
@@ -51,12 +61,16 @@ def main() -> None:
     a = p.parse_args()
     rows = [describe(Path(r)) for r in a.runs]
     ppl_keys = sorted({k for r in rows for k in r if k.endswith("/ppl")})
-    head = ["run", "params", "active non-emb", "train FLOPs/token", "steps", "step s", "tokens/s", *ppl_keys]
+    stat_keys = sorted({k for r in rows for k in r if k.endswith(("/usage", "/unevenness"))},
+                       key=lambda k: (k.rpartition("/")[0], k.endswith("/unevenness")))  # usage first
+    head = ["run", "params", "active non-emb", "train FLOPs/token", "steps", "step s", "tokens/s", *ppl_keys,
+            *(k.replace("/usage", "/usage %") for k in stat_keys)]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["run"], f"{r['params'] / 1e6:.2f}M", f"{r['active_non_embedding'] / 1e6:.3f}M",
                  f"{r['train_flops_per_token'] / 1e6:.2f}M", str(r["steps"]), f"{r['step_time_s']:.3f}",
-                 f"{r['tokens_per_sec']:.0f}", *(f"{r.get(k, float('nan')):.3f}" for k in ppl_keys)]
+                 f"{r['tokens_per_sec']:.0f}", *(f"{r.get(k, float('nan')):.3f}" for k in ppl_keys),
+                 *(_stat(r.get(k), k) for k in stat_keys)]
         print("| " + " | ".join(cells) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -2,7 +2,8 @@
 
     python scripts/fit_isoflop.py --root runs/isoflop_mini --out runs/isoflop_mini/fit
 
-Reads ROOT/*/summary.json (written by scripts/isoflop_sweep.py; points with status 'done').
+Reads ROOT/*/summary.json (written by scripts/isoflop_sweep.py, or by its `--summarize` for
+runs trained elsewhere; points with status 'done').
 For each (method, budget) it fits the final eval loss of the primary eval set (the first of
 TrainConfig.eval_tasks: C4 in the paper's grid, KJV validation in the mini grid) as a
 parabola in log(parameters), loss ≈ a·u² + b·u + c with u = ln N, and takes the vertex
@@ -229,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     groups, tasks = collect(args.root, args.params)
     if not groups:
-        print(f"no finished runs (summary.json with status 'done') under {args.root}", file=sys.stderr)
+        print(f"no finished runs (summary.json with status 'done') under {args.root}; for runs trained with "
+              "`isoflop_sweep.py --print_commands` (a pod), copy them here and run "
+              "`isoflop_sweep.py GRID --root ROOT --summarize` first", file=sys.stderr)
         return 1
     fits = fit_all(groups, tasks, args.params)
     out = Path(args.out or Path(args.root[0]) / "fit")

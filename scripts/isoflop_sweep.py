@@ -22,6 +22,10 @@ WANDB_MODE=disabled unless WANDB_MODE is set. SIGINT/SIGTERM is forwarded to the
 `python -m peer_jax.train --distributed ...`; wrap with `--launcher`, e.g.
 `--launcher 'gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command={cmd}'`;
 `--eval_tasks c4,curation,lambada,pile,wikitext103` adds the post-hoc evals of Table 1).
+`--summarize` writes summary.json for points trained that way, once their run directories are
+copied under a local ROOT (`gsutil -m rsync -r -x '.*/checkpoints/[0-9]+/.*' gs://BUCKET/isoflop ROOT`
+skips the checkpoint steps but keeps checkpoints/eval_step*.json from the post-hoc evals), so
+scripts/fit_isoflop.py can read them.
 Extra `--gin.NAME=VALUE` arguments are passed to every child.
 """
 
@@ -120,7 +124,8 @@ def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None) 
         "status": status,
         "num_steps": steps,
         "step": result.get("step"),
-        "wall_time_s": sum(a["wall_time_s"] for a in attempts),
+        # runs launched elsewhere (--summarize) have no attempts here: the trainer's own wall time
+        "wall_time_s": sum(a["wall_time_s"] for a in attempts) if attempts else result.get("wall_time_s"),
         "attempts": attempts,
         "result": result,
         "eval": {k: v for k, v in result.items() if k.startswith("eval")},
@@ -248,7 +253,10 @@ def print_commands(points: list[dict], root: str, gin_args: list[str], launcher:
         gin = os.path.relpath(p["gin_file"], REPO_ROOT) if p["gin_file"].startswith(str(REPO_ROOT)) else p["gin_file"]
         cmd = shlex.join(train_command({**p, "gin_file": gin}, workdir, gin_args, distributed=True, python="python"))
         cmd = f"WANDB_MODE=${{WANDB_MODE:-disabled}} {cmd}"
-        log(f"# {p['name']}: {p['num_steps']} steps, {p.get('realised_flops', 0):.4g} FLOPs")
+        steps = expected_steps(p, gin_args)
+        flops_note = (f"{p.get('realised_flops', 0):.4g} FLOPs" if steps == p["num_steps"]
+                      else f"num_steps overridden (grid: {p['num_steps']})")
+        log(f"# {p['name']}: {steps} steps, {flops_note}")
         log(launcher.replace("{cmd}", shlex.quote(cmd)) if launcher else cmd)
         if eval_tasks:  # Table 1's further eval sets, on the final checkpoint (read by fit_isoflop.py)
             ev = shlex.join(["python", "-m", "peer_jax.eval", f"--gin_file={gin}",
@@ -272,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_tasks", help="with --print_commands: also print a `python -m peer_jax.eval "
                    "--tasks=...` per point, e.g. c4,curation,lambada,pile,wikitext103 (Table 1)")
     p.add_argument("--list", action="store_true", help="list points and their status, run nothing")
+    p.add_argument("--summarize", action="store_true",
+                   help="write summary.json for points trained elsewhere (e.g. on a pod), run nothing")
     args = p.parse_args([a for a in argv if not a.startswith("--gin.")])
     points = select(load_points(args.grid), args.only, args.methods, args.budgets)
     if not points:
@@ -280,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_commands:
         print_commands(points, args.root, gin_args, args.launcher, args.eval_tasks)
         return 0
+    if args.summarize:
+        found = 0
+        for pt in points:
+            workdir = Path(args.root) / pt["name"]
+            if (workdir / "result.json").exists():
+                s = write_summary(workdir, pt, expected_steps(pt, gin_args), attempt=None)
+                found += 1
+                print(f"{pt['name']:34s} {s['status']}")
+        print(f"{found}/{len(points)} points have a result.json under {args.root}")
+        return 0 if found else 1
     if args.list:
         for pt in points:
             st = point_status(Path(args.root) / pt["name"], expected_steps(pt, gin_args))

@@ -104,3 +104,25 @@ def test_eval_cli_restores_a_checkpoint(tmp_path, eval_dir):
     assert res["step"] == 3
     np.testing.assert_allclose(res["tasks"]["kjv"]["loss"], trained["eval/kjv/loss"], rtol=1e-6)
     assert res["tasks"]["lambada"]["tokens"] > 0 and "lambada" in format_table(res)
+
+
+def test_train_and_eval_command_lines_round_trip(tmp_path, capsys):
+    """`python -m peer_jax.train` then `python -m peer_jax.eval` on the same gin: JSON next to the checkpoint."""
+    from peer_jax import eval as eval_cli, train as train_cli
+
+    gin = ["--gin_file=configs/runs/tiny_cpu.gin", "--gin.transformer.Transformer.num_layers=1",
+           "--gin.transformer.Transformer.d_model=32", "--gin.transformer.Transformer.num_heads=1",
+           "--gin.config.TrainConfig.num_steps=2", "--gin.config.TrainConfig.batch_size=8",
+           "--gin.config.TrainConfig.seq_len=32", "--gin.config.TrainConfig.eval_every=2",
+           "--gin.config.TrainConfig.eval_batches=2", "--gin.config.TrainConfig.checkpoint_every=2",
+           "--gin.config.TrainConfig.progress_bar=False", "--gin.config.TrainConfig.tensorboard=False"]
+    assert train_cli.main([*gin, f"--workdir={tmp_path}"]) == 0
+    trained = json.loads((tmp_path / "result.json").read_text())
+    ckpts = f"--checkpoint_dir={tmp_path / 'checkpoints'}"
+    assert eval_cli.main([*gin, ckpts, "--tasks=kjv", "--max_batches=2"]) == 0
+    out = json.loads((tmp_path / "checkpoints" / "eval_step2.json").read_text())
+    assert out["step"] == 2
+    np.testing.assert_allclose(out["tasks"]["kjv"]["loss"], trained["eval/kjv/loss"], rtol=1e-6)
+    assert "kjv" in capsys.readouterr().out
+    assert eval_cli.main([*gin, ckpts, "--tasks=no_such_task"]) == 2
+    assert "no_such_task" in capsys.readouterr().err

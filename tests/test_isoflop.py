@@ -319,6 +319,30 @@ def test_print_commands_for_a_pod(fake_grid, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("gcloud")]
     assert len(lines) == 1 and "dense_b" in lines[0] and "--distributed" in lines[0]  # dense_a is finished
     assert "-m peer_jax.train" in lines[0] and "WANDB_MODE" in lines[0]
+    # A step override changes what counts as finished and what the comment line states.
+    assert sweep.main([str(fake_grid), "--root", str(root), "--print_commands",
+                       "--gin.config.TrainConfig.num_steps=9"]) == 0
+    out = capsys.readouterr().out
+    assert "# dense_a: 9 steps, num_steps overridden (grid: 5)" in out
+    assert "# dense_b: 9 steps, num_steps overridden (grid: 7)" in out
+    assert out.count("--gin.config.TrainConfig.num_steps=9") == 2
+
+
+def test_summarize_runs_trained_elsewhere(fake_grid, tmp_path, capsys):
+    """Runs launched from --print_commands (on a pod) get summary.json for the fit."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    assert sweep.main([str(fake_grid), "--root", str(root), "--summarize"]) == 1  # nothing there yet
+    for name, step in (("dense_a", 5), ("dense_b", 3)):
+        (root / name).mkdir()
+        (root / name / "result.json").write_text(json.dumps({"step": step, "eval_loss": 1.0, "wall_time_s": 12.5}))
+    assert sweep.main([str(fake_grid), "--root", str(root), "--summarize"]) == 0
+    a = json.loads((root / "dense_a" / "summary.json").read_text())
+    b = json.loads((root / "dense_b" / "summary.json").read_text())
+    assert a["status"] == "done" and a["attempts"] == [] and a["wall_time_s"] == 12.5
+    assert a["point"]["name"] == "dense_a" and a["eval"]["eval_loss"] == 1.0
+    assert b["status"] == "partial"  # stopped at step 3 of 7
+    assert "2/2 points have a result.json" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ class Grid:
     seq_len: int
     vocab_size: int  # model vocabulary (after rounding up to TrainConfig.vocab_multiple)
     train: tuple[tuple[str, object], ...]  # further TrainConfig bindings (data, eval, logging)
+    model: tuple[tuple[str, object], ...] = ()  # further transformer.Transformer bindings (e.g. dtype)
     warmup_fraction: float = 0.02
     min_warmup: int = 10
     description: str = ""
@@ -90,6 +91,7 @@ PAPER = Grid(
     batch_size=128,
     seq_len=2048,
     vocab_size=32000,
+    model=(("dtype", "bfloat16"),),  # bf16 activations and matmuls, float32 parameters and optimizer state
     train=(
         ("train_task", "c4"),
         ("eval_tasks", ["c4"]),
@@ -111,11 +113,13 @@ PAPER = Grid(
 # Byte-level KJV (the embedded corpus), 16 × 128 tokens per step, evaluated on KJV validation
 # and on Python's help topics (out of domain). Sparse layers scaled down: 16 experts (C = 1
 # slot per expert for the 16-sequence routing group, i.e. one expert per token), 128² memories
-# / experts. Budgets 3e12 and 9e12: about 80 minutes on 2 idle CPU cores for all 32 points.
-MINI_SHAPES = _shapes((2, 64, 2), (3, 96, 3), (4, 128, 4), (5, 160, 5), (6, 192, 6))
+# / experts. Budgets 1e12 and 3e12 (3× apart, like the paper's 6e18 and 2e19): 5 and 6 shapes,
+# spanning the compute-optimal size of each (the first 3e12 sweep, on L2-L5 only, found every
+# method's optimum at its smallest shape). All 44 points: about 90 minutes on 2 idle CPU cores.
+MINI_SHAPES = _shapes((1, 32, 1), (1, 48, 2), (2, 48, 2), (2, 64, 2), (3, 96, 3), (4, 128, 4), (5, 160, 5))
 MINI = Grid(
     name="mini",
-    budgets={3e12: MINI_SHAPES[:4], 9e12: MINI_SHAPES[1:]},
+    budgets={1e12: MINI_SHAPES[:5], 3e12: MINI_SHAPES[1:]},
     methods=_methods(
         {"dense": "configs/models/dense.gin", "moe": "configs/models/moe_tiny.gin",
          "pkm": "configs/models/pkm_tiny.gin", "peer": "configs/models/peer_tiny.gin"},
