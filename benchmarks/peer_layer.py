@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--skip_timing", action="store_true", help="compile-time memory only (no allocation)")
     p.add_argument("--skip_naive", action="store_true")
+    p.add_argument("--skip_native", action="store_true", help="leave out compute='native' (C++ kernels)")
     p.add_argument("--out", default="benchmarks/results/peer_layer.json")
     args = p.parse_args(argv)
     if args.tokens % args.seq_len:
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
             f"peer_efficient_b{blk}",
             lambda blk=blk: PEER(args.d_model, rngs=nnx.Rngs(0), compute="efficient", slot_block=blk, **peer_kw),
         ))
+    if not args.skip_native:
+        variants.append(("peer_native", lambda: PEER(args.d_model, rngs=nnx.Rngs(0), compute="native", **peer_kw)))
     variants.append(("dense_ffw_4d", lambda: DenseFFW(args.d_model, rngs=nnx.Rngs(0))))
 
     load_before = os.getloadavg()

@@ -147,21 +147,24 @@ def test_matches_reference_formula(kw, act):
 
 @pytest.fixture(scope="module")
 def naive_and_efficient():
-    return {c: run(make(compute=c), X, MASK, train=True) for c in ("naive", "efficient")}
+    return {c: run(make(compute=c), X, MASK, train=True) for c in ("naive", "efficient", "native")}
 
 
-def test_efficient_matches_naive(naive_and_efficient):
+@pytest.mark.parametrize("compute", ["efficient", "native"])
+def test_optimised_paths_match_naive(naive_and_efficient, compute):
     """Outputs, grads wrt x, u, v, query kernel, sub-keys and BN params, mass, batch stats."""
-    naive, eff = naive_and_efficient["naive"], naive_and_efficient["efficient"]
+    naive, eff = naive_and_efficient["naive"], naive_and_efficient[compute]
     grads = eff[1][0]
     assert {"u", "v", "sub_keys", "query", "query_bn"} <= set(grads.keys())
     assert float(jnp.abs(grads["u"][...]).max()) > 0 and float(jnp.abs(grads["v"][...]).max()) > 0
     assert_trees_close(eff, naive)
 
 
-@pytest.mark.parametrize("block", [1, 5, 12])
-def test_primitives_match_naive(block):
-    """expert_dot / embedding_bag vs plain autodiff, with repeated indices and ragged blocks."""
+@pytest.mark.parametrize("block,native", [(1, False), (5, False), (12, False), (1, True)],
+                         ids=["xla-block1", "xla-block5", "xla-block12", "native"])
+def test_primitives_match_naive(block, native):
+    """expert_dot / embedding_bag vs plain autodiff, with repeated indices and ragged blocks;
+    `native`: the same custom_vjp with the C++ kernels of peer_jax.native as its loops."""
     rng = np.random.default_rng(block)
     m, s, n_rows, d = 7, 12, 5, 6  # 5 rows for 84 slots: many duplicate indices
     x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
@@ -173,14 +176,15 @@ def test_primitives_match_naive(block):
     f32 = np.dtype(np.float32)
 
     def loss(x, table, w):
-        return jnp.sum(ec.expert_dot(x, table, idx, f32, blk) * w) + jnp.sum(ec.embedding_bag(table, idx, w, f32, blk) * x)
+        return (jnp.sum(ec.expert_dot(x, table, idx, f32, blk, native) * w)
+                + jnp.sum(ec.embedding_bag(table, idx, w, f32, blk, native) * x))
 
     def loss_naive(x, table, w):
         return jnp.sum(ec.expert_dot_naive(x, table, idx) * w) + jnp.sum(ec.embedding_bag_naive(table, idx, w) * x)
 
     eff, naive = jax.jit(
         lambda: [
-            (ec.expert_dot(x, table, idx, f32, blk), ec.embedding_bag(table, idx, w, f32, blk),
+            (ec.expert_dot(x, table, idx, f32, blk, native), ec.embedding_bag(table, idx, w, f32, blk, native),
              jax.grad(loss, argnums=(0, 1, 2))(x, table, w)),
             (ec.expert_dot_naive(x, table, idx), ec.embedding_bag_naive(table, idx, w),
              jax.grad(loss_naive, argnums=(0, 1, 2))(x, table, w)),
@@ -297,6 +301,7 @@ def test_real_init_and_dtypes():
         (dict(activation="swish"), "activation='swish' is unknown"),
         (dict(score_fn="relu"), "score_fn='relu' is unknown"),
         (dict(compute="fast"), "compute='fast' is unknown"),
+        (dict(compute="native", dtype=jnp.bfloat16), "compute='native' supports float32 only"),
         (dict(slot_block=0), "slot_block=0"),
         (dict(route_chunk_tokens=0), "route_chunk_tokens=0"),
     ],

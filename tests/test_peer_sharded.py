@@ -88,8 +88,9 @@ def assert_trees_close(a, b):
 
 @pytest.mark.parametrize(
     "compute,mesh_shape,kw",
-    [("efficient", (2, 1, 4), {}), ("naive", (2, 1, 4), {}), ("efficient", (2, 2, 2), {"route_chunk_tokens": 1})],
-    ids=["efficient-d2e1m4", "naive-d2e1m4", "efficient-d2e2m2-chunked-routing"],
+    [("efficient", (2, 1, 4), {}), ("naive", (2, 1, 4), {}), ("efficient", (2, 2, 2), {"route_chunk_tokens": 1}),
+     ("native", (2, 2, 2), {})],
+    ids=["efficient-d2e1m4", "naive-d2e1m4", "efficient-d2e2m2-chunked-routing", "native-d2e2m2"],
 )
 def test_sharded_matches_single_device(compute, mesh_shape, kw):
     """Values, grads (x, u, v, query, sub-keys, BN), sown mass and batch stats. With expert=2
@@ -99,6 +100,8 @@ def test_sharded_matches_single_device(compute, mesh_shape, kw):
     (the d2e1m4 cases cover the unchunked search)."""
     want = run_single(compute)
     got, jaxpr, placed = run_sharded(make(compute=compute, **kw), mesh_shape)
+    if compute == "native":  # the C++ kernels ran inside the shard_map
+        assert "ffi_call" in jaxpr or "custom_call" in jaxpr, jaxpr
     if kw:  # the product-key search really ran as a 3-step loop (T = 3 positions)
         assert "length=3" in jaxpr
     assert "shard_map" in jaxpr and "psum" in jaxpr
@@ -106,12 +109,14 @@ def test_sharded_matches_single_device(compute, mesh_shape, kw):
     assert_trees_close(got, want)
 
 
-def test_model_axis_of_size_one_uses_single_device_path():
+@pytest.mark.parametrize("compute", ["efficient", "native"])
+def test_model_axis_of_size_one_uses_single_device_path(compute):
     """Pure data/expert parallelism: no shard_map; XLA partitions the efficient loops (and
-    sums the scattered table grads over token shards) on its own — and gets it right."""
-    got, jaxpr, _ = run_sharded(make(compute="efficient"), (2, 2, 1))  # 4 devices: B = 4
+    sums the scattered table grads over token shards) on its own — and gets it right. The
+    native kernels are opaque custom calls there, which XLA runs on gathered operands."""
+    got, jaxpr, _ = run_sharded(make(compute=compute), (2, 2, 1))  # 4 devices: B = 4
     assert "shard_map" not in jaxpr
-    assert_trees_close(got, run_single("efficient"))
+    assert_trees_close(got, run_single(compute))
 
 
 def test_sharded_lookup_can_be_disabled():

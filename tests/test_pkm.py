@@ -50,8 +50,9 @@ def test_pkm_equals_brute_force_memory_read():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
-def test_efficient_equals_naive_values_and_grads():
-    ye, ge, me = loss_and_grads(make(compute="efficient"), X)
+@pytest.mark.parametrize("compute", ["efficient", "native"])
+def test_optimised_paths_equal_naive_values_and_grads(compute):
+    ye, ge, me = loss_and_grads(make(compute=compute), X)
     yn, gn, mn = loss_and_grads(make(compute="naive"), X)
     np.testing.assert_allclose(ye, yn, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(me, mn, rtol=1e-6)

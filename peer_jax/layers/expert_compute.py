@@ -21,6 +21,10 @@ supported (the backward loops are not themselves differentiable by design).
 
 The ``*_naive`` functions are the plain-autodiff references that tests compare against.
 
+``native=True`` (``compute="native"`` in PEER/PKM) runs the three loops as the C++ kernels of
+``peer_jax.native`` instead (CPU, float32; expert-centric: the table is walked row by row and
+every (token, slot) pair routed to a row is handled there), under the same custom VJPs.
+
 Dtypes: rows are gathered from the table in its (parameter) dtype and cast to the compute
 ``dtype`` per block, never the whole table — casting a 1M×1024 table to bf16 on every call
 would cost as much memory as the table. Dot products and bag sums accumulate in float32.
@@ -36,6 +40,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from peer_jax import native as native_kernels
 
 DTypeLike = jnp.dtype | type | str
 
@@ -154,52 +160,73 @@ def _distinct_zeros(shape, dtype, tag: jax.Array) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
+def _dot(x, table, idx, dtype, block, native):
+    if native:
+        return _like_vma(native_kernels.gather_dot(x, table, idx), x, table, idx)
+    return _dot_loop(x, table, idx, dtype, block)
+
+
+def _bag(table, idx, w, dtype, block, native):
+    if native:
+        return _like_vma(native_kernels.embedding_bag(table, idx, w), table, idx, w)
+    return _bag_loop(table, idx, w, dtype, block)
+
+
+def _scatter(idx, w, y, num_rows, out_dtype, block, native):
+    if native:
+        return _like_vma(native_kernels.scatter_outer(idx, w, y, num_rows), idx, w, y).astype(out_dtype)
+    return _scatter_loop(idx, w, y, num_rows, out_dtype, block)
+
+
 # ----------------------------------------------------------------------------- custom_vjp ops
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32, block: int = 8):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32, block: int = 8,
+               native: bool = False):
     """float32 ``[M, S]`` of ``⟨x[m], table[idx[m, s]]⟩`` without keeping gathered rows.
 
     ``x: [M, d]``, ``table: [N, d]``, ``idx: [M, S]`` int32. ``dtype`` is the compute dtype of
     the products (accumulation is float32); ``block`` slots are gathered per loop step (it must
-    divide S; see ``slot_block``).
+    divide S; see ``slot_block``). ``native``: run the three loops as the C++ kernels of
+    ``peer_jax.native`` (CPU, float32) instead of XLA gathers and scatters.
     """
-    return _dot_loop(x, table, idx, dtype, block)
+    return _dot(x, table, idx, dtype, block, native)
 
 
-def _expert_dot_fwd(x, table, idx, dtype, block):
-    return _dot_loop(x, table, idx, dtype, block), (x, table, idx)
+def _expert_dot_fwd(x, table, idx, dtype, block, native):
+    return _dot(x, table, idx, dtype, block, native), (x, table, idx)
 
 
-def _expert_dot_bwd(dtype, block, res, ct):
+def _expert_dot_bwd(dtype, block, native, res, ct):
     x, table, idx = res
-    dx = _bag_loop(table, idx, ct, dtype, block).astype(x.dtype)
-    dtable = _scatter_loop(idx, ct, x, table.shape[0], table.dtype, block)
+    dx = _bag(table, idx, ct, dtype, block, native).astype(x.dtype)
+    dtable = _scatter(idx, ct, x, table.shape[0], table.dtype, block, native)
     return dx, dtable, None
 
 
 expert_dot.defvjp(_expert_dot_fwd, _expert_dot_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.float32, block: int = 8):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.float32, block: int = 8,
+                  native: bool = False):
     """float32 ``[M, d]`` weighted sum of gathered rows, ``Σ_s w[m, s] · table[idx[m, s]]``.
 
     The generic "embedding bag" (PKM's value read-out, PEER's down projection) with a backward
     pass that recomputes gathers and scatter-adds into the table gradient.
     """
-    return _bag_loop(table, idx, w, dtype, block)
+    return _bag(table, idx, w, dtype, block, native)
 
 
-def _embedding_bag_fwd(table, idx, w, dtype, block):
-    return _bag_loop(table, idx, w, dtype, block), (table, idx, w)
+def _embedding_bag_fwd(table, idx, w, dtype, block, native):
+    return _bag(table, idx, w, dtype, block, native), (table, idx, w)
 
 
-def _embedding_bag_bwd(dtype, block, res, ct):
+def _embedding_bag_bwd(dtype, block, native, res, ct):
     table, idx, w = res
-    dtable = _scatter_loop(idx, w, ct, table.shape[0], table.dtype, block)
-    dw = _dot_loop(ct, table, idx, dtype, block).astype(w.dtype)
+    dtable = _scatter(idx, w, ct, table.shape[0], table.dtype, block, native)
+    dw = _dot(ct, table, idx, dtype, block, native).astype(w.dtype)
     return dtable, None, dw
 
 
@@ -226,21 +253,32 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-COMPUTE_MODES = ("naive", "efficient")
+COMPUTE_MODES = ("naive", "efficient", "native")
+
+
+def check_compute(owner: str, compute: str, dtype, param_dtype) -> None:
+    """Start-up validation of a layer's ``compute`` setting (names the setting and the fix)."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"{owner} compute={compute!r} is unknown; use one of {list(COMPUTE_MODES)}.")
+    if compute == "native":
+        if np.dtype(dtype) != np.float32 or np.dtype(param_dtype) != np.float32:
+            raise ValueError(f"{owner} compute='native' supports float32 only (dtype={np.dtype(dtype)}, "
+                             f"param_dtype={np.dtype(param_dtype)}); use compute='efficient' for bfloat16.")
+        native_kernels.ensure_available()
 
 
 def expert_pre_activations(x, u, idx, *, compute: str, dtype, block: int = 8) -> jax.Array:
     """float32 ``[M, S]`` pre-activations ``u_iᵀx`` of the retrieved experts."""
     if compute == "naive":
         return expert_dot_naive(x, u, idx, dtype)
-    return expert_dot(x, u, idx, np.dtype(dtype), block)
+    return expert_dot(x, u, idx, np.dtype(dtype), block, compute == "native")
 
 
 def expert_outputs(v, idx, coef, *, compute: str, dtype, block: int = 8) -> jax.Array:
     """float32 ``[M, d]`` = ``Σ_s coef[m, s] · v[idx[m, s]]``."""
     if compute == "naive":
         return embedding_bag_naive(v, idx, coef, dtype)
-    return embedding_bag(v, idx, coef, np.dtype(dtype), block)
+    return embedding_bag(v, idx, coef, np.dtype(dtype), block, compute == "native")
 
 
 def peer_experts(

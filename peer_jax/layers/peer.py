@@ -126,8 +126,10 @@ class PEER(nnx.Module):
         over valid tokens only in training; running statistics are used at eval.
       score_fn: 'softmax' over each head's top-k (paper) or 'sigmoid' per retrieved expert.
       per_head_keys: one sub-key set per head (PKM / PEER-pytorch) instead of one shared set.
-      compute: 'efficient' (custom_vjp gather loops, memory O(tokens·block·d)) or 'naive'
-        (gathers ``[tokens, h, k, d]`` twice and keeps them for backward; the reference).
+      compute: 'efficient' (custom_vjp gather loops, memory O(tokens·block·d)), 'native' (the
+        same custom_vjp with its gather/scatter loops as multithreaded C++ kernels through the
+        XLA FFI, ``peer_jax.native``: CPU and float32 only, built with g++ on first use), or
+        'naive' (gathers ``[tokens, h, k, d]`` twice and keeps them for backward; the reference).
       sharded_lookup: use the d-split shard_map lookup when the mesh has a ``model`` axis > 1.
       slot_block: slots (of the h·k per token) gathered per loop step by 'efficient'. 1 (one
         ``[tokens, d]`` gather per step) was fastest on CPU (forward+backward at d=256, N=256²,
@@ -186,8 +188,7 @@ class PEER(nnx.Module):
             raise ValueError(f"{type(self).__name__} activation={activation!r} is unknown; use one of {sorted(ec.ACTIVATIONS)}.")
         if score_fn not in SCORE_FNS:
             raise ValueError(f"{type(self).__name__} score_fn={score_fn!r} is unknown; use one of {list(SCORE_FNS)}.")
-        if compute not in ec.COMPUTE_MODES:
-            raise ValueError(f"{type(self).__name__} compute={compute!r} is unknown; use one of {list(ec.COMPUTE_MODES)}.")
+        ec.check_compute(type(self).__name__, compute, dtype, param_dtype)
         if slot_block < 1:
             raise ValueError(f"{type(self).__name__} slot_block={slot_block} must be ≥ 1.")
         if route_chunk_tokens is not None and route_chunk_tokens < 1:

@@ -1,0 +1,150 @@
+"""Native CPU kernels (C++, XLA FFI) for the PEER/PKM gather and scatter primitives.
+
+``peer_kernels.cc`` implements ``gather_dot``, ``embedding_bag`` and ``scatter_outer`` (see
+``peer_jax/layers/expert_compute.py`` for their maths) as multithreaded loops that read each
+gathered table row straight from the table, with no ``[tokens, slots, d]`` intermediate and no
+XLA gather/scatter. They are used by ``compute="native"`` in PEER and PKM, on CPU, in float32.
+
+The library is compiled on first use with the system C++ compiler (``$CXX``, default ``g++``;
+a few seconds) against the FFI headers shipped in jaxlib, with ``-march=native``, and cached in
+``$PEER_JAX_CACHE/native`` (default ``~/.cache/peer_jax/native``) under a key made of the
+source, the flags, the jaxlib version and the CPU's model and feature flags, so a cache shared
+between different machines never loads code built for another CPU. Concurrent first uses
+(pytest-xdist workers, several hosts on one NFS home) each build into a temporary file and
+rename it into place atomically.
+
+Threads: ``PEER_JAX_NATIVE_THREADS`` (default: all hardware threads). Work is split so that no
+two threads write the same output element, so results are deterministic.
+
+The plain-jnp references these kernels are tested against are ``expert_compute``'s XLA loops
+and ``*_naive`` functions (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("peer_kernels.cc")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+TARGETS = {
+    "gather_dot": "PeerJaxGatherDot",
+    "embedding_bag": "PeerJaxEmbeddingBag",
+    "scatter_outer": "PeerJaxScatterOuter",
+}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here (message says why and what to do)."""
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags of this CPU (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PEER_JAX_CACHE") or Path.home() / ".cache" / "peer_jax"
+    return Path(root) / "native"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise NativeUnavailable(
+            f"compute='native' needs a C++17 compiler to build peer_jax/native/peer_kernels.cc, and {cxx!r} "
+            "is not on PATH: install g++ (Debian: apt install g++), set $CXX, or use compute='efficient'.")
+    return cxx
+
+
+def library_path() -> Path:
+    """Builds the kernels library if needed; returns its path."""
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
+                                     _jaxlib_version().encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    path = cache_dir() / f"peer_kernels-{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, "-isystem", include, "-o", tmp, str(SOURCE), "-lpthread"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise NativeUnavailable(f"building the native kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}\n"
+                                    "Use compute='efficient' instead.")
+        os.replace(tmp, path)  # atomic: a concurrent builder's identical file may win, which is fine
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _jaxlib_version() -> str:
+    import jaxlib
+
+    return getattr(jaxlib, "__version__", "?")
+
+
+@functools.cache
+def _register() -> None:
+    lib = ctypes.cdll.LoadLibrary(str(library_path()))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(f"peer_jax_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def ensure_available() -> None:
+    """Builds and registers the kernels, or raises NativeUnavailable naming the problem."""
+    if jax.default_backend() != "cpu":
+        raise NativeUnavailable(f"compute='native' runs on CPU only (default backend: {jax.default_backend()}); "
+                                "use compute='efficient' on accelerators.")
+    _register()
+
+
+def available() -> bool:
+    try:
+        ensure_available()
+        return True
+    except NativeUnavailable:
+        return False
+
+
+def _call(name: str, out_shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+    _register()
+    return jax.ffi.ffi_call(f"peer_jax_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="sequential")(*args)
+
+
+def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array) -> jax.Array:
+    """float32 ``[M, S]``: ``⟨x[m], table[idx[m, s]]⟩``."""
+    return _call("gather_dot", idx.shape, x.astype(jnp.float32), table.astype(jnp.float32), idx.astype(jnp.int32))
+
+
+def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+    """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``."""
+    return _call("embedding_bag", (idx.shape[0], table.shape[-1]), table.astype(jnp.float32),
+                 idx.astype(jnp.int32), w.astype(jnp.float32))
+
+
+def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int) -> jax.Array:
+    """float32 ``[num_rows, d]``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]``."""
+    return _call("scatter_outer", (num_rows, y.shape[-1]), idx.astype(jnp.int32), w.astype(jnp.float32),
+                 y.astype(jnp.float32))

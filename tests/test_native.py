@@ -1,0 +1,76 @@
+"""The C++ kernels of peer_jax.native against plain numpy, and their build/cache/error handling.
+
+Layer-level equality (PEER and PKM with compute='native' == 'naive', values and gradients,
+single device and on 8 fake devices) lives in test_peer.py, test_pkm.py and test_peer_sharded.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peer_jax import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: compute='native' unavailable")
+
+
+def _case(seed, m=37, s=5, n=64, d=33):
+    """Odd d (SIMD tails), many duplicate rows, and rows no pair is routed to."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    table = rng.standard_normal((n, d)).astype(np.float32)
+    idx = rng.integers(0, n // 2, (m, s)).astype(np.int32)  # upper half of the table unused
+    idx[0, :] = 3  # one row picked by every slot of a token
+    w = rng.standard_normal((m, s)).astype(np.float32)
+    return x, table, idx, w
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernels_match_numpy(seed):
+    x, table, idx, w = _case(seed)
+    n, d = table.shape
+    dot = np.einsum("md,msd->ms", x.astype(np.float64), table[idx].astype(np.float64))
+    bag = np.einsum("ms,msd->md", w.astype(np.float64), table[idx].astype(np.float64))
+    scat = np.zeros((n, d))
+    np.add.at(scat, idx.reshape(-1), (w[:, :, None].astype(np.float64) * x[:, None, :]).reshape(-1, d))
+    got = jax.jit(lambda x, t, i, w: (native.gather_dot(x, t, i), native.embedding_bag(t, i, w),
+                                      native.scatter_outer(i, w, x, n)))(x, table, idx, w)
+    for g, want in zip(got, (dot, bag, scat)):
+        assert g.dtype == jnp.float32 and g.shape == want.shape
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got[2])[n // 2:].any()  # rows nobody was routed to: exactly zero
+
+
+def test_kernels_are_deterministic():
+    x, table, idx, w = _case(2, m=300, s=16, n=4096, d=64)
+    f = jax.jit(lambda x, t, i, w: (native.gather_dot(x, t, i), native.embedding_bag(t, i, w),
+                                    native.scatter_outer(i, w, x, t.shape[0])))
+    a, b = f(x, table, idx, w), f(x, table, idx, w)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_library_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEER_JAX_CACHE", str(tmp_path))
+    path = native.library_path()
+    assert path.parent == tmp_path / "native" and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert native.library_path() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporaries left behind
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEER_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(native.NativeUnavailable, match="no-such-compiler-xyz.*compute='efficient'"):
+        native.library_path()
+
+
+def test_failed_build_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEER_JAX_CACHE", str(tmp_path))
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    with pytest.raises(native.NativeUnavailable, match="building the native kernels failed"):
+        native.library_path()
+    assert not list((tmp_path / "native").iterdir())  # the failed output was removed
