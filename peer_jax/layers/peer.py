@@ -128,7 +128,9 @@ class PEER(nnx.Module):
       per_head_keys: one sub-key set per head (PKM / PEER-pytorch) instead of one shared set.
       compute: 'efficient' (custom_vjp gather loops, memory O(tokens·block·d)), 'native' (the
         same custom_vjp with its gather/scatter loops as multithreaded C++ kernels through the
-        XLA FFI, ``peer_jax.native``: CPU and float32 only, built with g++ on first use), or
+        XLA FFI, ``peer_jax.native``, and the product-key selection as one C++ kernel with a
+        sparse backward pass; exact, so ``approx_topk`` is ignored; CPU and float32 only,
+        built with g++ on first use), or
         'naive' (gathers ``[tokens, h, k, d]`` twice and keeps them for backward; the reference).
       sharded_lookup: use the d-split shard_map lookup when the mesh has a ``model`` axis > 1.
       slot_block: slots (of the h·k per token) gathered per loop step by 'efficient'. 1 (one
@@ -246,7 +248,7 @@ class PEER(nnx.Module):
         q = q.astype(self.dtype).reshape(b, t, self.heads, self.d_key)
         chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * _batch_shards()
         scores, idx = product_key_topk(q, self.sub_keys[...], self.top_k, approx=self.approx_topk,
-                                       chunk_tokens=chunk)
+                                       chunk_tokens=chunk, native=self.compute == "native")
         g = jax.nn.softmax(scores, axis=-1) if self.score_fn == "softmax" else jax.nn.sigmoid(scores)
         return g, idx
 

@@ -14,6 +14,7 @@ a discrete top-k, where bf16 rounding would create spurious ties.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -73,6 +74,7 @@ def product_key_topk(
     approx: bool = False,
     recall_target: float = 0.95,
     chunk_tokens: int | None = None,
+    native: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k of ``qᵀ[c_a ; c'_b]`` over all ``n²`` product keys.
 
@@ -94,6 +96,11 @@ def product_key_topk(
         of 128-512, measured). Axis -3 (sequence length) is never sharded, so the chunking
         composes with batch sharding; ``chunk_tokens`` counts global tokens (PEER scales it by
         the number of batch shards).
+      native: select with the C++ kernel of ``peer_jax.native`` (the two half top-k's, the
+        candidates and the final top-k in one multithreaded pass; same results, ties included)
+        and differentiate sparsely: the scores' cotangent reaches the queries and sub-keys only
+        through the 2·top_k selected sub-key rows per query (an embedding bag and a scatter),
+        instead of through dense ``[tokens, heads, n]`` score gradients. CPU, float32 queries.
 
     Returns:
       ``(scores, indices)``, each ``[..., heads, top_k]``: float32 scores sorted descending and
@@ -104,17 +111,20 @@ def product_key_topk(
         lead, t = queries.shape[:-3], queries.shape[-3]
         c = max(1, chunk_tokens // max(1, math.prod(lead)))  # positions per chunk
         if c < t:
-            return _chunked(queries, sub_keys, top_k, c, approx, recall_target)
+            return _chunked(queries, sub_keys, top_k, c, approx, recall_target, native)
+    if native:
+        return _product_key_topk_native(queries, sub_keys, top_k)
     return _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target)
 
 
-def _chunked(queries, sub_keys, top_k, c, approx, recall_target):
+def _chunked(queries, sub_keys, top_k, c, approx, recall_target, native=False):
     """``product_key_topk`` over chunks of ``c`` positions of axis -3 (padded to a multiple)."""
     *lead, t, h, dk = queries.shape
     pad = -t % c
     q = jnp.pad(queries, [(0, 0)] * len(lead) + [(0, pad), (0, 0), (0, 0)]) if pad else queries
     q = jnp.moveaxis(q.reshape(*lead, (t + pad) // c, c, h, dk), -4, 0)
-    s, i = jax.lax.map(lambda qc: product_key_topk(qc, sub_keys, top_k, approx=approx, recall_target=recall_target), q)
+    s, i = jax.lax.map(lambda qc: product_key_topk(qc, sub_keys, top_k, approx=approx, recall_target=recall_target,
+                                                   native=native), q)
     s, i = (jnp.moveaxis(a, 0, -4).reshape(*lead, t + pad, h, top_k)[..., :t, :, :] for a in (s, i))
     return s, i
 
@@ -139,6 +149,60 @@ def _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_targ
     a = jnp.take_along_axis(i1, jnp.asarray(ci)[j], axis=-1)
     b = jnp.take_along_axis(i2, jnp.asarray(cj)[j], axis=-1)
     return scores, (a * n + b).astype(jnp.int32)
+
+
+def _halves(queries, sub_keys):
+    half = queries.shape[-1] // 2
+    per_head = sub_keys.ndim == 4
+    k1, k2 = (sub_keys[:, 0], sub_keys[:, 1]) if per_head else (sub_keys[0], sub_keys[1])
+    return queries[..., :half], queries[..., half:], k1, k2, per_head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _product_key_topk_native(queries, sub_keys, top_k):
+    return _native_fwd(queries, sub_keys, top_k)[0]
+
+
+def _native_fwd(queries, sub_keys, top_k):
+    from peer_jax import native
+
+    q1, q2, k1, k2, per_head = _halves(queries, sub_keys)
+    n, heads = k1.shape[-2], queries.shape[-2]
+    s1 = _half_scores(q1, k1.astype(queries.dtype), per_head)
+    s2 = _half_scores(q2, k2.astype(queries.dtype), per_head)
+    lead = s1.shape[:-1]
+    scores, items = native.product_key_select(s1.reshape(-1, n), s2.reshape(-1, n), top_k)
+    out = scores.reshape(*lead, top_k), items.reshape(*lead, top_k)
+    return out, (queries, sub_keys, out[1])
+
+
+def _native_bwd(top_k, res, ct):
+    """score[.., j] = q₁·C[a_j] + q₂·C'[b_j]: only the selected sub-key rows get gradients."""
+    from peer_jax import native
+
+    queries, sub_keys, items = res
+    ds = ct[0].astype(jnp.float32)
+    q1, q2, k1, k2, per_head = _halves(queries, sub_keys)
+    n, half, heads = k1.shape[-2], k1.shape[-1], queries.shape[-2]
+    rows = ds.size // top_k
+    a, b = items // n, items % n
+    if per_head:  # per-head tables stacked into one [heads·n, half] table; rows offset by head
+        offset = (jnp.arange(heads, dtype=jnp.int32) * n)[:, None]
+        a, b = a + offset, b + offset
+    tables = [t.reshape(-1, half).astype(jnp.float32) for t in (k1, k2)]
+    flat = lambda x: x.reshape(rows, -1)  # noqa: E731
+    dq = [native.embedding_bag(t, flat(i), flat(ds)) for t, i in ((tables[0], a), (tables[1], b))]
+    dk = [native.scatter_outer(flat(i), flat(ds), flat(q).astype(jnp.float32), t.shape[0])
+          for t, i, q in ((tables[0], a, q1), (tables[1], b, q2))]
+    dq = jnp.concatenate([x.reshape(q1.shape) for x in dq], axis=-1).astype(queries.dtype)
+    if per_head:
+        dkeys = jnp.stack([x.reshape(heads, n, half) for x in dk], axis=1)
+    else:
+        dkeys = jnp.stack(dk, axis=0)
+    return dq, dkeys.astype(sub_keys.dtype)
+
+
+_product_key_topk_native.defvjp(_native_fwd, _native_bwd)
 
 
 def candidate_pairs(top_k: int) -> tuple[np.ndarray, np.ndarray]:

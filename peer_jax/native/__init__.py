@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("peer_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -41,6 +42,7 @@ TARGETS = {
     "gather_dot": "PeerJaxGatherDot",
     "embedding_bag": "PeerJaxEmbeddingBag",
     "scatter_outer": "PeerJaxScatterOuter",
+    "product_key_topk": "PeerJaxProductKeyTopK",
 }
 
 
@@ -131,6 +133,21 @@ def _call(name: str, out_shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
     _register()
     return jax.ffi.ffi_call(f"peer_jax_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
                             vmap_method="sequential")(*args)
+
+
+def product_key_select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The selection step of ``product_keys.product_key_topk`` from the half scores.
+
+    ``s1, s2: [R, n]`` float32 scores of the two query halves against their sub-keys. Returns
+    float32 scores ``[R, k]`` (descending) and int32 items ``a·n + b`` ``[R, k]``: the top-k of
+    each half, the candidate sums over ``candidate_pairs(k)`` and their top-k, with
+    ``jax.lax.top_k``'s tie order (lower position first). Not differentiable by itself:
+    ``product_keys`` wraps it in a custom VJP."""
+    _register()
+    r, n = s1.shape
+    out = (jax.ShapeDtypeStruct((r, k), jnp.float32), jax.ShapeDtypeStruct((r, k), jnp.int32))
+    return jax.ffi.ffi_call("peer_jax_product_key_topk", out, vmap_method="sequential")(
+        s1.astype(jnp.float32), s2.astype(jnp.float32), k=np.int64(k))
 
 
 def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array) -> jax.Array:

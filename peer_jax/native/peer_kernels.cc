@@ -6,6 +6,8 @@
 //   embedding_bag(T[N,d], idx[M,S], w[M,S])  -> out[M,d],  out[m]   = sum_s w[m,s] T[idx[m,s]]
 //   scatter_outer(idx[M,S], w[M,S], y[M,d])  -> out[N,d],  out[n]   = sum_{idx[m,s]=n} w[m,s] y[m]
 //
+// and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end).
+//
 // All three are expert-centric: the M·S (token, slot) pairs are grouped by table row with a
 // stable counting sort, and the table (or its gradient) is walked row by row, in order, each
 // row read or written once and streamed, handling every pair routed to that row there. The
@@ -197,7 +199,71 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
   return ffi::Error::Success();
 }
 
+// Top-k of one row in descending order; among equal values the lower index comes first (as
+// jax.lax.top_k). Insertion into a sorted buffer: after the first k elements, an element is
+// usually rejected by one comparison against the current k-th value.
+inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* pos) {
+  int64_t filled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i];
+    if (filled == k && !(x > val[k - 1])) continue;
+    int64_t j = filled < k ? filled++ : k - 1;
+    while (j > 0 && x > val[j - 1]) {
+      val[j] = val[j - 1];
+      pos[j] = pos[j - 1];
+      --j;
+    }
+    val[j] = x;
+    pos[j] = static_cast<int32_t>(i);
+  }
+}
+
+// Product-key top-k from the two halves' scores s1, s2 [R, n] (R = tokens x heads): the top-k
+// of each half, the candidate sums s1[a_i] + s2[b_j] over the pairs (i+1)(j+1) <= k (in the
+// order i, then j: product_keys.candidate_pairs), and the top-k of those. Outputs the scores
+// [R, k] and the item indices a*n + b [R, k]; identical to product_keys' XLA path.
+ffi::Error ProductKeyTopKImpl(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2, int64_t k,
+                              ffi::ResultBuffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> items) {
+  if (auto e = CheckRank2(s1.dimensions(), "s1"); e.failure()) return e;
+  const int64_t r = s1.dimensions()[0], n = s1.dimensions()[1];
+  if (k < 1 || k > n) return ffi::Error::InvalidArgument("product_key_topk: need 1 <= k <= n");
+  std::vector<int32_t> ci, cj;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k / (i + 1); ++j) {
+      ci.push_back(static_cast<int32_t>(i));
+      cj.push_back(static_cast<int32_t>(j));
+    }
+  const int64_t nc = static_cast<int64_t>(ci.size());
+  const float* p1 = s1.typed_data();
+  const float* p2 = s2.typed_data();
+  float* so = scores->typed_data();
+  int32_t* io = items->typed_data();
+  ParallelFor(r, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> v1(k), v2(k), cand(nc), vk(k);
+    std::vector<int32_t> a1(k), a2(k), pk(k);
+    for (int64_t row = b; row < e; ++row) {
+      RowTopK(p1 + row * n, n, k, v1.data(), a1.data());
+      RowTopK(p2 + row * n, n, k, v2.data(), a2.data());
+      for (int64_t c = 0; c < nc; ++c) cand[c] = v1[ci[c]] + v2[cj[c]];
+      RowTopK(cand.data(), nc, k, vk.data(), pk.data());
+      for (int64_t j = 0; j < k; ++j) {
+        so[row * k + j] = vk[j];
+        io[row * k + j] = a1[ci[pk[j]]] * static_cast<int32_t>(n) + a2[cj[pk[j]]];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxProductKeyTopK, ProductKeyTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDot, GatherDotImpl,
                               ffi::Ffi::Bind()
