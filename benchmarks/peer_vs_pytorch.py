@@ -4,6 +4,8 @@ Forward+backward of the paper's layer (softmax over each head's top-k, h = 8, k 
 d_key = 128, GELU experts) at (d = 256, N = 256²) and (d = 512, N = 512²), 2048 tokens per step
 (4 × 512), plus a dense FFW (d → 4d → d, GELU, no biases) of the same width in both frameworks.
 The loss is mean(y²); every step computes the gradients of all parameters and of the input.
+peer_jax runs twice per key layout: ``compute="efficient"`` (XLA gathers and scatters) and
+``compute="native"`` (the C++ kernels of ``peer_jax.native``; ``--skip_native`` leaves them out).
 
 Install the PyTorch side once, in its own venv next to the project's (so torch's pins never touch
 the project's environment; ``.venv-bench/`` must be git-ignored)::
@@ -268,6 +270,12 @@ def _variants(d: int, n: int, args, ref_src: str | None) -> list[tuple[str, dict
     rows = [("peer_jax (paper: shared keys, query BN)", dict(common, layer="peer", per_head_keys=False, query_bn=True),
              "jax"),
             ("peer_jax per-head keys, no BN", dict(common, layer="peer", per_head_keys=True, query_bn=False), "jax")]
+    if not args.skip_native:  # compute="native": the C++ kernels of peer_jax.native (XLA FFI)
+        native = {"compute": "native"}
+        rows += [("peer_jax native (paper)", dict(common, layer="peer", per_head_keys=False, query_bn=True,
+                                                  peer_kw=native), "jax"),
+                 ("peer_jax native per-head, no BN", dict(common, layer="peer", per_head_keys=True, query_bn=False,
+                                                          peer_kw=native), "jax")]
     if ref_src:
         rows.append((f"peer_jax@{args.ref} (paper)", dict(common, layer="peer", per_head_keys=False, query_bn=True,
                                                           src=ref_src), "jax"))
@@ -305,6 +313,7 @@ def main(argv=None) -> int:
     p.add_argument("--malloc", choices=tuple(MALLOC_ENVS), default="default")
     p.add_argument("--torch_python", default=os.path.join(REPO, ".venv-bench", "bin", "python"))
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--skip_native", action="store_true", help="leave out the compute='native' rows")
     p.add_argument("--ref", default=None, help="also time the PEER layer of this git ref (e.g. HEAD)")
     p.add_argument("--out", default=None, help="default: benchmarks/results/peer_vs_pytorch[_tuned].json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

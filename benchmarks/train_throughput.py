@@ -7,6 +7,7 @@ AdamW update, on synthetic byte tokens of the run's shape, batch 32 × 128 = 409
 
 * ``peer``          configs/runs/tiny_cpu_peer.gin (configs/models/peer_tiny.gin: the middle
                     block's FFW is PEER with N = 128², h = 4, k = 8, d_key = 32).
+* ``peer_native``   the same with ``peer.PEER.compute = "native"`` (C++ kernels, peer_jax.native).
 * ``dense_matched`` configs/runs/tiny_cpu.gin with the *middle* block's FFW a dense GELU MLP whose
                     hidden width m is chosen so that its forward FLOPs per token (4·d·m) equal the
                     PEER layer's counted FLOPs (query, sub-key scores, k² sums, u_iᵀx, Σ g·σ·v;
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     p.add_argument("--gin", action="append", default=[], help="extra binding for the PEER variant, e.g. "
                    "'peer.PEER.slot_block=32' (repeatable)")
+    p.add_argument("--skip_native", action="store_true", help="leave out the compute='native' PEER variant")
     p.add_argument("--out", default=None, help="default: benchmarks/results/train_throughput_<label>.json")
     args = p.parse_args(argv)
     out_path = args.out or f"benchmarks/results/train_throughput_{args.label}.json"
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
     ]
     load_before = os.getloadavg()
     variants = []
-    for name, files, binds in [("peer", [args.peer_gin], args.gin), ("dense_matched", [args.dense_gin], matched),
+    native = [] if args.skip_native else [("peer_native", [args.peer_gin], [*args.gin, 'peer.PEER.compute = "native"'])]
+    for name, files, binds in [("peer", [args.peer_gin], args.gin), *native, ("dense_matched", [args.dense_gin], matched),
                                ("dense", [args.dense_gin], [])]:
         print(f"... building {name}", file=sys.stderr, flush=True)
         variants.append(build(name, files, binds))
@@ -150,20 +153,23 @@ def main(argv=None) -> int:
                     | {"step_s_median": med, "step_s_all": v["times"], "tokens_per_s": v["tokens_per_step"] / med,
                        "model_tflops_per_s": v["tokens_per_step"] * v["train_flops_per_token"] / med / 1e12})
     by = {r["name"]: r for r in rows}
-    ratios = {f"peer_vs_{n}": by["peer"]["tokens_per_s"] / by[n]["tokens_per_s"] for n in ("dense_matched", "dense")}
+    ratios = {f"{p}_vs_{n}": by[p]["tokens_per_s"] / by[n]["tokens_per_s"]
+              for p in ("peer", "peer_native") if p in by for n in ("dense_matched", "dense")}
 
     print(f"\nTiny-model training throughput [{args.label}, {_git_rev()}], {by['peer']['tokens_per_step']} tokens/step, "
           f"{jax.default_backend()} × {os.cpu_count()} cores, load average before/after "
           f"{load_before[0]:.1f}/{load_after[0]:.1f}; matched dense middle FFW: mlp_dim={mlp_dim} "
           f"(4·d·m = {4 * 128 * mlp_dim:.0f} vs PEER layer {peer_flops:.0f} FLOPs/token fwd)")
-    head = f"{'model':<15}{'params':>11}{'train FLOPs/tok':>17}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'PEER ÷ this':>13}"
+    head = (f"{'model':<15}{'params':>11}{'train FLOPs/tok':>17}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}"
+            f"{'PEER ÷ this':>13}{'native ÷ this':>15}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = by["peer"]["tokens_per_s"] / r["tokens_per_s"]
+        native = by["peer_native"]["tokens_per_s"] / r["tokens_per_s"] if "peer_native" in by else float("nan")
         print(f"{r['name']:<15}{r['params_total']:>11,.0f}{r['train_flops_per_token']:>17,.0f}"
               f"{1e3 * r['step_s_median']:>10.1f}{r['tokens_per_s']:>11.0f}{1e3 * r['model_tflops_per_s']:>9.1f}"
-              f"{ratio:>13.3f}")
+              f"{ratio:>13.3f}{native:>15.3f}")
 
     out = {"label": args.label, "git": _git_rev(), "config": vars(args), "matched_mlp_dim": mlp_dim,
            "peer_layer_forward_flops_per_token": peer_flops, "jax": jax.__version__,
