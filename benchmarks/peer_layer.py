@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peer_jax import runtime
 from peer_jax.layers.peer import PEER
 
 
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip_native", action="store_true", help="leave out compute='native' (C++ kernels)")
     p.add_argument("--out", default="benchmarks/results/peer_layer.json")
     args = p.parse_args(argv)
+    allocator = runtime.configure_malloc()  # as `python -m peer_jax.train` does (peer_jax/runtime.py)
     if args.tokens % args.seq_len:
         p.error(f"--tokens={args.tokens} must be a multiple of --seq_len={args.seq_len}")
 
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     head = f"{'layer':<22}{'params':>12}{'temp MiB':>11}{'args MiB':>10}{'out MiB':>9}{'step ms':>10}{'tokens/s':>11}"
     print(f"\nPEER layer benchmark, forward+backward, {args.tokens} tokens, d_model={args.d_model}, "
           f"N={args.num_experts}, h={args.heads}, k={args.top_k}, d_key={args.d_key}; "
-          f"{jax.devices()[0].platform} × {os.cpu_count()} cores; load average before/after "
+          f"{jax.devices()[0].platform} × {os.cpu_count()} cores; allocator {allocator}; load average before/after "
           f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
     print(head)
     print("-" * len(head))
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
 
     out = {
         "config": vars(args),
+        "allocator": allocator,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),

@@ -120,6 +120,11 @@ def _emit(obj) -> None:
 def _jax_worker(spec: dict):
     import gc
 
+    from peer_jax import runtime
+
+    # What `python -m peer_jax.train` does on CPU (peer_jax/runtime.py), unless --malloc set the
+    # allocator for both frameworks through the environment.
+    allocator = runtime.configure_malloc("auto" if spec.get("malloc", "default") == "default" else "system")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -171,7 +176,7 @@ def _jax_worker(spec: dict):
     def run():
         jax.block_until_ready(compiled(state, x))
 
-    info = {"compile_s": compile_s, "xla_temp_bytes": int(mem.temp_size_in_bytes),
+    info = {"compile_s": compile_s, "allocator": allocator, "xla_temp_bytes": int(mem.temp_size_in_bytes),
             "xla_argument_bytes": int(mem.argument_size_in_bytes), "xla_output_bytes": int(mem.output_size_in_bytes),
             "params": int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(nnx.merge(gdef, state), nnx.Param)))),
             "param_bytes": int(sum(v.nbytes for v in jax.tree.leaves(nnx.state(nnx.merge(gdef, state), nnx.Param))))}
@@ -266,7 +271,7 @@ class Worker:
 def _variants(d: int, n: int, args, ref_src: str | None) -> list[tuple[str, dict, str]]:
     """(name, spec, framework) rows for one size."""
     common = dict(d=d, N=n, heads=args.heads, top_k=args.top_k, d_key=args.d_key, tokens=args.tokens,
-                  seq_len=args.seq_len, warmup=args.warmup)
+                  seq_len=args.seq_len, warmup=args.warmup, malloc=args.malloc)
     rows = [("peer_jax (paper: shared keys, query BN)", dict(common, layer="peer", per_head_keys=False, query_bn=True),
              "jax"),
             ("peer_jax per-head keys, no BN", dict(common, layer="peer", per_head_keys=True, query_bn=False), "jax")]

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from peer_jax import flops as flops_lib
-from peer_jax import gin_utils, sharding
+from peer_jax import gin_utils, runtime, sharding
 from peer_jax.training import step as step_lib
 from peer_jax.training.config import TrainConfig
 
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip_native", action="store_true", help="leave out the compute='native' PEER variant")
     p.add_argument("--out", default=None, help="default: benchmarks/results/train_throughput_<label>.json")
     args = p.parse_args(argv)
+    allocator = runtime.configure_malloc()  # as `python -m peer_jax.train` does (peer_jax/runtime.py)
     out_path = args.out or f"benchmarks/results/train_throughput_{args.label}.json"
 
     mlp_dim, peer_flops = _matched_mlp_dim(args.peer_gin)
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
               f"{1e3 * r['step_s_median']:>10.1f}{r['tokens_per_s']:>11.0f}{1e3 * r['model_tflops_per_s']:>9.1f}"
               f"{ratio:>13.3f}{native:>15.3f}")
 
-    out = {"label": args.label, "git": _git_rev(), "config": vars(args), "matched_mlp_dim": mlp_dim,
+    out = {"label": args.label, "git": _git_rev(), "config": vars(args), "allocator": allocator,
+           "matched_mlp_dim": mlp_dim,
            "peer_layer_forward_flops_per_token": peer_flops, "jax": jax.__version__,
            "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
            "loadavg_1min_before_after": [load_before[0], load_after[0]], "results": rows, "ratios": ratios}

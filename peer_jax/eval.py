@@ -61,7 +61,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils
+    from peer_jax import gin_utils, runtime
 
     def add_arguments(parser):
         parser.add_argument("--checkpoint_dir", required=True, help="the run's checkpoints directory")
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
-    except gin_utils.ConfigError as e:
+        runtime.configure_malloc()  # before the JAX backend starts its threads
+    except (gin_utils.ConfigError, ValueError) as e:
         return gin_utils.fail(e)
     logging.basicConfig(level=logging.WARNING)
 

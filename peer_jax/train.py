@@ -3,7 +3,8 @@
 Trains (or resumes, if DIR holds checkpoints) the configured model. Writes
 DIR/operative_config.gin, DIR/metrics.jsonl, DIR/compile_report.json, DIR/tensorboard and
 DIR/checkpoints. Exit status: 0 done (or preempted after saving), 2 bad configuration,
-3 non-finite loss.
+3 non-finite loss. On CPU, glibc's allocator is tuned first (``$PEER_JAX_MALLOC``, default auto;
+see peer_jax/runtime.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils
+    from peer_jax import gin_utils, runtime
 
     def add_arguments(parser):
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
 
     try:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
-    except gin_utils.ConfigError as e:
+        malloc = runtime.configure_malloc()  # before the JAX backend starts its threads
+    except (gin_utils.ConfigError, ValueError) as e:
         return gin_utils.fail(e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    logging.getLogger("peer_jax").info("allocator: %s (PEER_JAX_MALLOC, see peer_jax/runtime.py)", malloc)
     from peer_jax.training import loop
     from peer_jax.training.checkpoint import CheckpointError
     from peer_jax.training.config import TrainConfig

@@ -1,0 +1,71 @@
+"""Process-level settings for fast CPU runs: glibc's allocator.
+
+XLA:CPU allocates every large output and temporary fresh on each step. By default glibc serves
+allocations over 32 MiB with ``mmap`` and gives them back with ``munmap`` on free, so every step
+page-faults each 4 KiB page of them again (~3.5 µs per fault on the project's VM: a fresh 64 MiB
+buffer costs ~45 ms before a byte is computed). PEER's ``[N, d]`` table gradients are exactly
+such buffers. ``configure_malloc("tuned")`` calls ``mallopt`` so that freed memory is kept and
+reused instead:
+
+* ``M_ARENA_MAX = 1``: one heap for all threads (XLA's worker threads would otherwise each get a
+  per-thread arena whose heaps are capped at 64 MiB, where large blocks cannot live);
+* ``M_MMAP_MAX = 0``: never serve an allocation with mmap;
+* ``M_TRIM_THRESHOLD = 2³¹ − 1``: never return the heap's free top to the OS.
+
+Measured (d = 256, N = 256², 2048 tokens, forward+backward of the PEER layer, one process):
+page faults per step 47k → 6.5k (compute='efficient') and 44k → 0 ('native'); step time
+621 → 536 ms and 349 → 235 ms. The price: the process's RSS stays at its high-water mark
+(freed memory is reused by the process, not returned), which is what a training loop wants.
+
+``M_ARENA_MAX`` only binds threads that have not allocated yet, so this must run before the JAX
+backend starts its thread pool: the command-line entry points call it first thing. ``auto`` (the
+default, or ``$PEER_JAX_MALLOC``) tunes only where JAX will run on the CPU (``JAX_PLATFORMS``
+names only cpu, or no accelerator plugin is installed), since on TPU/GPU hosts host memory is
+not the bottleneck and a single arena could slow down multi-threaded input pipelines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import platform
+
+MODES = ("auto", "tuned", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
+_ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_plugins")
+_applied: str | None = None
+
+
+def _cpu_only() -> bool:
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms == ["cpu"]
+    return not any(importlib.util.find_spec(m) is not None for m in _ACCELERATOR_PLUGINS)
+
+
+def configure_malloc(mode: str | None = None) -> str:
+    """Applies the allocator ``mode`` ('auto', 'tuned' or 'system'); returns what was applied.
+
+    Idempotent. 'tuned' on a platform without glibc is reported and skipped ('system')."""
+    global _applied
+    mode = mode or os.environ.get("PEER_JAX_MALLOC", "auto")
+    if mode not in MODES:
+        raise ValueError(f"PEER_JAX_MALLOC={mode!r} is unknown; use one of {list(MODES)}.")
+    if mode == "auto":
+        mode = "tuned" if _cpu_only() else "system"
+    if mode == "system" or _applied == "tuned":
+        _applied = _applied or mode
+        return _applied
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        logging.getLogger(__name__).info("malloc tuning needs glibc; leaving the system allocator as is")
+        _applied = "system"
+        return _applied
+    libc = ctypes.CDLL("libc.so.6")
+    ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    if not ok:
+        logging.getLogger(__name__).warning("mallopt refused a setting; allocator partly tuned")
+    _applied = "tuned"
+    return _applied
