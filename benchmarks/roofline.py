@@ -7,13 +7,18 @@ this machine can do, and how close a measured step time gets.
 Cost model, forward+backward of one PEER layer per token (S = h·k retrieved experts, p = bytes per
 parameter, n = √N; the layer's contract returns dense ``[N, d]`` table gradients):
 
-* **experts (memory-bound)**: token-centric traffic, i.e. every retrieved row is moved for the
-  token that retrieved it, with no reuse across tokens:
-  forward reads S rows of u and S of v (2·S·d·p); backward reads them again for dx and for the
-  router gradient (2·S·d·p; keeping them from the forward instead would write and read the same
-  amount); the table gradients are scatter-added, a read-modify-write of S rows each
-  (2·2·S·d·4). Plus the dense gradient tables written once per step (2·N·d·4 bytes, amortised
-  over the step's tokens). Expert FLOPs (12·S·d) are negligible at ~1 FLOP/byte.
+* **experts (memory-bound)**: the smaller of two ways to move the table rows.
+  *Token-centric* (XLA's gathers and scatters, ``compute="efficient"``): every retrieved row is
+  moved for the token that retrieved it, with no reuse across tokens: forward reads S rows of u
+  and S of v (2·S·d·p); backward reads them again for dx and for the router gradient (2·S·d·p;
+  keeping them from the forward instead would write and read the same amount); the table
+  gradients are scatter-added, a read-modify-write of S rows each (2·2·S·d·4); plus the dense
+  gradient tables written once per step (2·N·d·4 bytes, amortised over the step's tokens).
+  *Expert-centric* (the (token, slot) pairs grouped by row, ``compute="native"``): each row a
+  step touches is read once per pass — u and v in the forward, u and v again in the backward
+  (4·R·d·p per step, R = expected distinct rows touched, N·(1 − (1 − 1/N)^(tokens·S)) under
+  uniform routing) — and the dense gradient tables are written once (2·N·d·4); the token-side
+  rows (M·d floats) stay in cache. Expert FLOPs (12·S·d) are negligible at ~1 FLOP/byte.
 * **routing (compute-bound)**: query projection 2·d·h·d_key and sub-key scoring 2·h·n·d_key
   FLOPs forward (two halves of d_key/2 against n sub-keys, per head), ×3 for forward+backward.
   The top-k selections and BatchNorm are O(h·n) comparisons / O(h·d_key) elementwise work per
@@ -81,18 +86,31 @@ def peer_costs(d_model: int, num_experts: int, heads: int = 8, top_k: int = 16, 
     """Per-token bytes and FLOPs of one PEER layer's forward+backward (see module docstring)."""
     s, d, n = heads * top_k, d_model, math.isqrt(num_experts)
     rows = s * d
-    expert_bytes = {
+    dense_tables = 2 * num_experts * d * grad_bytes / tokens
+    token_centric = {
         "fwd_gather_u_v": 2 * rows * param_bytes,
         "bwd_gather_u_v": 2 * rows * param_bytes,
         "bwd_scatter_add_du_dv": 2 * 2 * rows * grad_bytes,
-        "dense_grad_tables": 2 * num_experts * d * grad_bytes / tokens,
+        "dense_grad_tables": dense_tables,
     }
+    touched = num_experts * -math.expm1(tokens * s * math.log1p(-1.0 / num_experts))
+    expert_centric = {
+        "fwd_read_u_v": 2 * touched * d * param_bytes / tokens,
+        "bwd_read_u_v": 2 * touched * d * param_bytes / tokens,
+        "dense_grad_tables": dense_tables,
+    }
+    strategy = "expert_centric" if sum(expert_centric.values()) < sum(token_centric.values()) else "token_centric"
+    expert_bytes = expert_centric if strategy == "expert_centric" else token_centric
     routing_flops = {
         "query_projection": 3 * 2 * d * heads * d_key,
         "sub_key_scores": 3 * 2 * heads * n * d_key,
     }
     return {
         "experts_bytes": expert_bytes,
+        "experts_strategy": strategy,
+        "experts_bytes_token_centric": token_centric,
+        "experts_bytes_expert_centric": expert_centric,
+        "rows_touched_per_step": touched,
         "experts_flops": 12.0 * rows,
         "routing_flops": routing_flops,
         "routing_bytes": 0.0,  # weights and keys are read once per step: negligible per token
@@ -128,7 +146,7 @@ def format_report(r: dict) -> str:
     c = r["costs"]
     mb = sum(c["experts_bytes"].values()) / 1e6
     rf = sum(c["routing_flops"].values()) / 1e6
-    line = (f"d={r['d_model']}, N={r['num_experts']}: experts {mb:.2f} MB/token "
+    line = (f"d={r['d_model']}, N={r['num_experts']}: experts {mb:.2f} MB/token {c['experts_strategy']} "
             f"({', '.join(f'{k} {v / 1e6:.3f}' for k, v in c['experts_bytes'].items())}), routing {rf:.2f} MFLOP/token; "
             f"bound {1e6 * r['bound_s_per_token']['total']:.1f} µs/token (experts "
             f"{1e6 * r['bound_s_per_token']['experts']:.1f}, routing {1e6 * r['bound_s_per_token']['routing']:.1f}) "
