@@ -130,9 +130,7 @@ def _chunked(queries, sub_keys, top_k, c, approx, recall_target, native=False):
 
 
 def _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target):
-    half = queries.shape[-1] // 2
-    q1, q2 = queries[..., :half], queries[..., half:]
-    k1, k2 = (sub_keys[:, 0], sub_keys[:, 1]) if per_head else (sub_keys[0], sub_keys[1])
+    q1, q2, k1, k2, _ = _halves(queries, sub_keys)
     k1 = k1.astype(queries.dtype)
     k2 = k2.astype(queries.dtype)
 
@@ -167,7 +165,7 @@ def _native_fwd(queries, sub_keys, top_k):
     from peer_jax import native
 
     q1, q2, k1, k2, per_head = _halves(queries, sub_keys)
-    n, heads = k1.shape[-2], queries.shape[-2]
+    n = k1.shape[-2]
     s1 = _half_scores(q1, k1.astype(queries.dtype), per_head)
     s2 = _half_scores(q2, k2.astype(queries.dtype), per_head)
     lead = s1.shape[:-1]

@@ -200,8 +200,10 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
 }
 
 // Top-k of one row in descending order; among equal values the lower index comes first (as
-// jax.lax.top_k). Insertion into a sorted buffer: after the first k elements, an element is
-// usually rejected by one comparison against the current k-th value.
+// jax.lax.top_k). Insertion into a sorted buffer, in index order: after the first k elements,
+// an element is usually rejected by one comparison against the current k-th value (~k·ln(n/k)
+// insertions per row for random scores; a block-wise vectorised pre-test and a branch-free
+// insertion were both measured no faster here).
 inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* pos) {
   int64_t filled = 0;
   for (int64_t i = 0; i < n; ++i) {
