@@ -74,3 +74,13 @@ def test_failed_build_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(native.NativeUnavailable, match="building the native kernels failed"):
         native.library_path()
     assert not list((tmp_path / "native").iterdir())  # the failed output was removed
+
+
+def test_out_of_range_index_is_an_error_not_a_wild_write():
+    x, table, idx, w = _case(3)
+    bad = idx.copy()
+    bad[1, 2] = table.shape[0]  # one past the end
+    for fn in (lambda: native.gather_dot(x, table, bad), lambda: native.embedding_bag(table, bad, w),
+               lambda: native.scatter_outer(bad, w, x, table.shape[0])):
+        with pytest.raises(Exception, match="index out of range"):
+            jax.block_until_ready(jax.jit(fn)())

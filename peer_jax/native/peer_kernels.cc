@@ -20,7 +20,7 @@
 // accumulator per extra thread, summed at the end. Results are deterministic for a given
 // thread count (PEER_JAX_NATIVE_THREADS, default: all hardware threads); no atomics.
 //
-// Indices are trusted to lie in [0, N) (the caller's product-key top-k guarantees it).
+// An index outside [0, N) makes the kernel fail with an error instead of touching memory.
 
 #include <algorithm>
 #include <cstdint>
@@ -81,9 +81,17 @@ struct ByRow {
   std::vector<int32_t> order;
 };
 
-ByRow SortByRow(const int32_t* idx, int64_t pairs, int64_t rows) {
+// Fails (ok = false) on an index outside [0, rows) instead of writing out of bounds.
+ByRow SortByRow(const int32_t* idx, int64_t pairs, int64_t rows, bool& ok) {
   ByRow g{std::vector<int64_t>(rows + 1, 0), std::vector<int32_t>(pairs)};
-  for (int64_t p = 0; p < pairs; ++p) ++g.start[idx[p] + 1];
+  ok = true;
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (idx[p] < 0 || idx[p] >= rows) {
+      ok = false;
+      return g;
+    }
+    ++g.start[idx[p] + 1];
+  }
   for (int64_t r = 0; r < rows; ++r) g.start[r + 1] += g.start[r];
   std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
   for (int64_t p = 0; p < pairs; ++p) g.order[fill[idx[p]]++] = static_cast<int32_t>(p);
@@ -119,7 +127,9 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w, 
   float* op = out->typed_data();
   // Each row of the [N, d] result is written once, in order (zero rows included), instead of
   // read-modified-written at random per pair.
-  const ByRow g = SortByRow(ip, m * s, n);
+  bool ok;
+  const ByRow g = SortByRow(ip, m * s, n, ok);
+  if (!ok) return ffi::Error::InvalidArgument("scatter_outer: index out of range");
   const int64_t* st = g.start.data();
   const int32_t* ord = g.order.data();
   ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
@@ -145,7 +155,9 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, f
   const float* xp = x.typed_data();
   const float* tp = table.typed_data();
   float* op = out->typed_data();
-  const ByRow g = SortByRow(idx.typed_data(), m * s, n);
+  bool ok;
+  const ByRow g = SortByRow(idx.typed_data(), m * s, n, ok);
+  if (!ok) return ffi::Error::InvalidArgument("gather_dot: index out of range");
   const int64_t* st = g.start.data();
   const int32_t* ord = g.order.data();
   ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
@@ -169,7 +181,9 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
   const float* tp = table.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  const ByRow g = SortByRow(idx.typed_data(), m * s, n);
+  bool ok;
+  const ByRow g = SortByRow(idx.typed_data(), m * s, n, ok);
+  if (!ok) return ffi::Error::InvalidArgument("embedding_bag: index out of range");
   const int64_t* st = g.start.data();
   const int32_t* ord = g.order.data();
   const int64_t threads = ThreadsFor(n, 1024);
