@@ -84,3 +84,32 @@ def test_out_of_range_index_is_an_error_not_a_wild_write():
                lambda: native.scatter_outer(bad, w, x, table.shape[0])):
         with pytest.raises(Exception, match="index out of range"):
             jax.block_until_ready(jax.jit(fn)())
+
+
+@pytest.mark.parametrize("n,k", [(16, 16), (17, 16), (50, 16), (64, 5), (256, 16), (32, 1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_product_key_select_matches_lax_top_k(n, k, ties):
+    """The C++ selection (half top-k's with the block-maximum bound, candidates, final top-k)
+    against the same steps in lax.top_k: identical values and items, tie order included."""
+    from peer_jax.layers.product_keys import candidate_pairs
+
+    rng = np.random.default_rng(n * 10 + k)
+    shape = (40, n)
+    if ties:
+        s1, s2 = (rng.integers(0, 3, shape).astype(np.float32) for _ in range(2))
+    else:
+        s1, s2 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+
+    def reference(s1, s2):
+        v1, i1 = jax.lax.top_k(s1, k)
+        v2, i2 = jax.lax.top_k(s2, k)
+        ci, cj = candidate_pairs(k)
+        cand = (v1[:, :, None] + v2[:, None, :]).reshape(-1, k * k)[:, ci * k + cj]
+        sc, j = jax.lax.top_k(cand, k)
+        a = jnp.take_along_axis(i1, jnp.asarray(ci)[j], -1)
+        b = jnp.take_along_axis(i2, jnp.asarray(cj)[j], -1)
+        return sc, a * n + b
+
+    got, want = jax.jit(lambda a, b: (native.product_key_select(a, b, k), reference(a, b)))(s1, s2)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
