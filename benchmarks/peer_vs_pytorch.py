@@ -70,6 +70,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -289,6 +290,8 @@ def _variants(d: int, n: int, args, ref_src: str | None) -> list[tuple[str, dict
     rows.append(("dense FFW 4d (jax)", dict(common, layer="dense"), "jax"))
     if not args.skip_torch:
         rows.append(("dense FFW 4d (torch)", dict(common, layer="dense"), "torch"))
+    if args.only:
+        rows = [r for r in rows if re.search(args.only, r[0])]
     return [(name, dict(spec, framework=fw), fw) for name, spec, fw in rows]
 
 
@@ -319,6 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch_python", default=os.path.join(REPO, ".venv-bench", "bin", "python"))
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--skip_native", action="store_true", help="leave out the compute='native' rows")
+    p.add_argument("--only", default=None, help="regex: run only the rows whose name matches (every worker of a "
+                   "size is alive at once; with --malloc tuned, which keeps freed memory, 7 workers at d=512 "
+                   "exceed 24 GiB)")
     p.add_argument("--ref", default=None, help="also time the PEER layer of this git ref (e.g. HEAD)")
     p.add_argument("--out", default=None, help="default: benchmarks/results/peer_vs_pytorch[_tuned].json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
