@@ -113,3 +113,15 @@ def test_product_key_select_matches_lax_top_k(n, k, ties):
     got, want = jax.jit(lambda a, b: (native.product_key_select(a, b, k), reference(a, b)))(s1, s2)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_native_off_cpu_is_a_start_up_config_error(monkeypatch):
+    """On an accelerator backend, PEER(compute='native') fails at construction with a ValueError
+    (the CLIs turn it into one line and exit 2) that names the fix."""
+    from flax import nnx
+
+    from peer_jax.layers.peer import PEER
+
+    monkeypatch.setattr(native.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="compute='native' runs on CPU only.*compute='efficient'"):
+        PEER(16, rngs=nnx.Rngs(0), num_experts=64, heads=2, top_k=2, d_key=8, compute="native")

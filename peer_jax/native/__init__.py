@@ -46,8 +46,11 @@ TARGETS = {
 }
 
 
-class NativeUnavailable(RuntimeError):
-    """The native kernels cannot be built or loaded here (message says why and what to do)."""
+class NativeUnavailable(ValueError):
+    """The native kernels cannot be built or loaded here (message says why and what to do).
+
+    A ValueError, like every other invalid setting found at start-up: the trainer and eval CLIs
+    report it in one line and exit with status 2."""
 
 
 def _cpu_signature() -> str:
