@@ -125,3 +125,18 @@ def test_native_off_cpu_is_a_start_up_config_error(monkeypatch):
     monkeypatch.setattr(native.jax, "default_backend", lambda: "tpu")
     with pytest.raises(ValueError, match="compute='native' runs on CPU only.*compute='efficient'"):
         PEER(16, rngs=nnx.Rngs(0), num_experts=64, heads=2, top_k=2, d_key=8, compute="native")
+
+
+def test_row_grouping_is_computed_once_per_custom_vjp_call():
+    """expert_dot's forward and both backward kernels share one group_by_row (not three sorts)."""
+    from peer_jax.layers import expert_compute as ec
+
+    x, table, idx, w = _case(4)
+    f32 = np.dtype(np.float32)
+
+    def loss(x, table):
+        return jnp.sum(ec.expert_dot(x, table, idx, f32, 1, True) * w)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, table))
+    assert jaxpr.count("peer_jax_group_by_row") == 1, jaxpr
+    assert jaxpr.count("peer_jax_gather_dot") == 1 and jaxpr.count("peer_jax_scatter_outer") == 1

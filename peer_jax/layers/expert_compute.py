@@ -160,22 +160,30 @@ def _distinct_zeros(shape, dtype, tag: jax.Array) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
-def _dot(x, table, idx, dtype, block, native):
+# With native=True, `groups` is native_kernels.group_by_row(idx, N): computed once in each custom
+# VJP's forward and reused by its backward kernels (None: the kernel call computes it).
+
+
+def _dot(x, table, idx, dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.gather_dot(x, table, idx), x, table, idx)
+        return _like_vma(native_kernels.gather_dot(x, table, idx, groups), x, table, idx)
     return _dot_loop(x, table, idx, dtype, block)
 
 
-def _bag(table, idx, w, dtype, block, native):
+def _bag(table, idx, w, dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.embedding_bag(table, idx, w), table, idx, w)
+        return _like_vma(native_kernels.embedding_bag(table, idx, w, groups), table, idx, w)
     return _bag_loop(table, idx, w, dtype, block)
 
 
-def _scatter(idx, w, y, num_rows, out_dtype, block, native):
+def _scatter(idx, w, y, num_rows, out_dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.scatter_outer(idx, w, y, num_rows), idx, w, y).astype(out_dtype)
+        return _like_vma(native_kernels.scatter_outer(idx, w, y, num_rows, groups), idx, w, y).astype(out_dtype)
     return _scatter_loop(idx, w, y, num_rows, out_dtype, block)
+
+
+def _groups(idx, num_rows, native):
+    return native_kernels.group_by_row(idx, num_rows) if native else None
 
 
 # ----------------------------------------------------------------------------- custom_vjp ops
@@ -195,13 +203,14 @@ def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32
 
 
 def _expert_dot_fwd(x, table, idx, dtype, block, native):
-    return _dot(x, table, idx, dtype, block, native), (x, table, idx)
+    groups = _groups(idx, table.shape[0], native)
+    return _dot(x, table, idx, dtype, block, native, groups), (x, table, idx, groups)
 
 
 def _expert_dot_bwd(dtype, block, native, res, ct):
-    x, table, idx = res
-    dx = _bag(table, idx, ct, dtype, block, native).astype(x.dtype)
-    dtable = _scatter(idx, ct, x, table.shape[0], table.dtype, block, native)
+    x, table, idx, groups = res
+    dx = _bag(table, idx, ct, dtype, block, native, groups).astype(x.dtype)
+    dtable = _scatter(idx, ct, x, table.shape[0], table.dtype, block, native, groups)
     return dx, dtable, None
 
 
@@ -220,13 +229,14 @@ def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.floa
 
 
 def _embedding_bag_fwd(table, idx, w, dtype, block, native):
-    return _bag(table, idx, w, dtype, block, native), (table, idx, w)
+    groups = _groups(idx, table.shape[0], native)
+    return _bag(table, idx, w, dtype, block, native, groups), (table, idx, w, groups)
 
 
 def _embedding_bag_bwd(dtype, block, native, res, ct):
-    table, idx, w = res
-    dtable = _scatter(idx, w, ct, table.shape[0], table.dtype, block, native)
-    dw = _dot(ct, table, idx, dtype, block, native).astype(w.dtype)
+    table, idx, w, groups = res
+    dtable = _scatter(idx, w, ct, table.shape[0], table.dtype, block, native, groups)
+    dw = _dot(ct, table, idx, dtype, block, native, groups).astype(w.dtype)
     return dtable, None, dw
 
 

@@ -189,9 +189,11 @@ def _native_bwd(top_k, res, ct):
         a, b = a + offset, b + offset
     tables = [t.reshape(-1, half).astype(jnp.float32) for t in (k1, k2)]
     flat = lambda x: x.reshape(rows, -1)  # noqa: E731
-    dq = [native.embedding_bag(t, flat(i), flat(ds)) for t, i in ((tables[0], a), (tables[1], b))]
-    dk = [native.scatter_outer(flat(i), flat(ds), flat(q).astype(jnp.float32), t.shape[0])
-          for t, i, q in ((tables[0], a, q1), (tables[1], b, q2))]
+    dq, dk = [], []
+    for t, i, q in ((tables[0], a, q1), (tables[1], b, q2)):  # one row grouping per half, used twice
+        groups = native.group_by_row(flat(i), t.shape[0])
+        dq.append(native.embedding_bag(t, flat(i), flat(ds), groups))
+        dk.append(native.scatter_outer(flat(i), flat(ds), flat(q).astype(jnp.float32), t.shape[0], groups))
     dq = jnp.concatenate([x.reshape(q1.shape) for x in dq], axis=-1).astype(queries.dtype)
     if per_head:
         dkeys = jnp.stack([x.reshape(heads, n, half) for x in dk], axis=1)

@@ -43,6 +43,7 @@ TARGETS = {
     "embedding_bag": "PeerJaxEmbeddingBag",
     "scatter_outer": "PeerJaxScatterOuter",
     "product_key_topk": "PeerJaxProductKeyTopK",
+    "group_by_row": "PeerJaxGroupByRow",
 }
 
 
@@ -153,18 +154,38 @@ def product_key_select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array,
         s1.astype(jnp.float32), s2.astype(jnp.float32), k=np.int64(k))
 
 
-def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array) -> jax.Array:
+Groups = tuple[jax.Array, jax.Array]
+
+
+def group_by_row(idx: jax.Array, num_rows: int) -> Groups:
+    """The (token, slot) pairs of ``idx: [M, S]`` grouped by table row, for the kernels below.
+
+    ``(start [num_rows + 1], order [M·S])`` int32: the pairs of row r are
+    ``order[start[r]:start[r+1]]`` in increasing flat pair index (a stable counting sort). Compute
+    it once per index array and pass it to every kernel on those indices (the custom VJPs in
+    ``expert_compute`` and ``product_keys`` do). An index outside ``[0, num_rows)`` is an error."""
+    _register()
+    out = (jax.ShapeDtypeStruct((num_rows + 1,), jnp.int32), jax.ShapeDtypeStruct((idx.size,), jnp.int32))
+    return jax.ffi.ffi_call("peer_jax_group_by_row", out, vmap_method="sequential")(idx.astype(jnp.int32))
+
+
+def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array, groups: Groups | None = None) -> jax.Array:
     """float32 ``[M, S]``: ``⟨x[m], table[idx[m, s]]⟩``."""
-    return _call("gather_dot", idx.shape, x.astype(jnp.float32), table.astype(jnp.float32), idx.astype(jnp.int32))
+    groups = group_by_row(idx, table.shape[0]) if groups is None else groups
+    return _call("gather_dot", idx.shape, x.astype(jnp.float32), table.astype(jnp.float32), idx.astype(jnp.int32),
+                 *groups)
 
 
-def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, groups: Groups | None = None) -> jax.Array:
     """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``."""
+    groups = group_by_row(idx, table.shape[0]) if groups is None else groups
     return _call("embedding_bag", (idx.shape[0], table.shape[-1]), table.astype(jnp.float32),
-                 idx.astype(jnp.int32), w.astype(jnp.float32))
+                 idx.astype(jnp.int32), *groups, w.astype(jnp.float32))
 
 
-def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int) -> jax.Array:
+def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int,
+                  groups: Groups | None = None) -> jax.Array:
     """float32 ``[num_rows, d]``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]``."""
-    return _call("scatter_outer", (num_rows, y.shape[-1]), idx.astype(jnp.int32), w.astype(jnp.float32),
+    groups = group_by_row(idx, num_rows) if groups is None else groups
+    return _call("scatter_outer", (num_rows, y.shape[-1]), idx.astype(jnp.int32), *groups, w.astype(jnp.float32),
                  y.astype(jnp.float32))

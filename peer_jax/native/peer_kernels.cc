@@ -9,7 +9,8 @@
 // and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end).
 //
 // All three are expert-centric: the M·S (token, slot) pairs are grouped by table row with a
-// stable counting sort, and the table (or its gradient) is walked row by row, in order, each
+// stable counting sort (group_by_row, computed once and passed to each kernel that uses the same
+// indices), and the table (or its gradient) is walked row by row, in order, each
 // row read or written once and streamed, handling every pair routed to that row there. The
 // token-side rows (x, y, the bag outputs: M·d floats) are what is accessed at random, and they
 // are small enough to stay in cache. (Gathering T[idx] per token instead reads each row once
@@ -75,27 +76,19 @@ void ParallelFor(int64_t n, int64_t min_per_thread, Fn fn) {
 }
 
 // The (token, slot) pairs grouped by table row: pairs of row r are order[start[r] .. start[r+1]),
-// in increasing pair index (a stable counting sort), so per-row sums are deterministic.
-struct ByRow {
-  std::vector<int64_t> start;
-  std::vector<int32_t> order;
-};
-
-// Fails (ok = false) on an index outside [0, rows) instead of writing out of bounds.
-ByRow SortByRow(const int32_t* idx, int64_t pairs, int64_t rows, bool& ok) {
-  ByRow g{std::vector<int64_t>(rows + 1, 0), std::vector<int32_t>(pairs)};
-  ok = true;
+// in increasing pair index (a stable counting sort), so per-row sums are deterministic. Computed
+// once per custom-VJP call by GroupByRow and shared by its forward and backward kernels.
+// Fails (returns false) on an index outside [0, rows) instead of writing out of bounds.
+bool SortByRow(const int32_t* idx, int64_t pairs, int64_t rows, int32_t* start, int32_t* order) {
+  std::fill(start, start + rows + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) {
-    if (idx[p] < 0 || idx[p] >= rows) {
-      ok = false;
-      return g;
-    }
-    ++g.start[idx[p] + 1];
+    if (idx[p] < 0 || idx[p] >= rows) return false;
+    ++start[idx[p] + 1];
   }
-  for (int64_t r = 0; r < rows; ++r) g.start[r + 1] += g.start[r];
-  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) g.order[fill[idx[p]]++] = static_cast<int32_t>(p);
-  return g;
+  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+  std::vector<int32_t> fill(start, start + rows);
+  for (int64_t p = 0; p < pairs; ++p) order[fill[idx[p]]++] = static_cast<int32_t>(p);
+  return true;
 }
 
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
@@ -115,23 +108,37 @@ ffi::Error CheckRank2(const ffi::Span<const int64_t>& dims, const char* what) {
   return ffi::Error::Success();
 }
 
-ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
-                            ffi::ResultBuffer<ffi::F32> out) {
+// start [N+1] and order [M*S] from GroupByRow must match the table rows and the pairs.
+ffi::Error CheckGroups(const ffi::Buffer<ffi::S32>& start, const ffi::Buffer<ffi::S32>& order, int64_t rows,
+                       int64_t pairs) {
+  if (static_cast<int64_t>(start.element_count()) != rows + 1 || static_cast<int64_t>(order.element_count()) != pairs)
+    return ffi::Error::InvalidArgument("groups do not match the table rows / pairs: recompute them with group_by_row");
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupByRowImpl(ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::S32> start,
+                          ffi::ResultBuffer<ffi::S32> order) {
+  const int64_t rows = static_cast<int64_t>(start->element_count()) - 1;
+  if (!SortByRow(idx.typed_data(), static_cast<int64_t>(idx.element_count()), rows, start->typed_data(),
+                 order->typed_data()))
+    return ffi::Error::InvalidArgument("group_by_row: index out of range");
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order,
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
   if (auto e = CheckRank2(y.dimensions(), "y"); e.failure()) return e;
   const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = y.dimensions()[1];
   const int64_t n = out->dimensions()[0];
-  const int32_t* ip = idx.typed_data();
+  if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
   const float* wp = w.typed_data();
   const float* yp = y.typed_data();
   float* op = out->typed_data();
   // Each row of the [N, d] result is written once, in order (zero rows included), instead of
   // read-modified-written at random per pair.
-  bool ok;
-  const ByRow g = SortByRow(ip, m * s, n, ok);
-  if (!ok) return ffi::Error::InvalidArgument("scatter_outer: index out of range");
-  const int64_t* st = g.start.data();
-  const int32_t* ord = g.order.data();
+  const int32_t* st = start.typed_data();
+  const int32_t* ord = order.typed_data();
   ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float* orow = op + r * d;
@@ -146,7 +153,7 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w, 
 }
 
 ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
-                         ffi::ResultBuffer<ffi::F32> out) {
+                         ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(x.dimensions(), "x"); e.failure()) return e;
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
@@ -155,11 +162,9 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, f
   const float* xp = x.typed_data();
   const float* tp = table.typed_data();
   float* op = out->typed_data();
-  bool ok;
-  const ByRow g = SortByRow(idx.typed_data(), m * s, n, ok);
-  if (!ok) return ffi::Error::InvalidArgument("gather_dot: index out of range");
-  const int64_t* st = g.start.data();
-  const int32_t* ord = g.order.data();
+  if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
+  const int32_t* st = start.typed_data();
+  const int32_t* ord = order.typed_data();
   ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* row = tp + r * d;
@@ -172,8 +177,8 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, f
   return ffi::Error::Success();
 }
 
-ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start,
+                            ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
   const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = table.dimensions()[1];
@@ -181,11 +186,9 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
   const float* tp = table.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  bool ok;
-  const ByRow g = SortByRow(idx.typed_data(), m * s, n, ok);
-  if (!ok) return ffi::Error::InvalidArgument("embedding_bag: index out of range");
-  const int64_t* st = g.start.data();
-  const int32_t* ord = g.order.data();
+  if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
+  const int32_t* st = start.typed_data();
+  const int32_t* ord = order.typed_data();
   const int64_t threads = ThreadsFor(n, 1024);
   // Thread 0 accumulates into the output, the others into private [M, d] buffers, summed after.
   std::vector<std::vector<float>> priv(threads > 1 ? threads - 1 : 0);
@@ -292,10 +295,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxProductKeyTopK, ProductKeyTopKImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGroupByRow, GroupByRowImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDot, GatherDotImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -303,11 +314,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxEmbeddingBag, EmbeddingBagImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxScatterOuter, ScatterOuterImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
