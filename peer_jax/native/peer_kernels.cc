@@ -91,10 +91,35 @@ bool SortByRow(const int32_t* idx, int64_t pairs, int64_t rows, int32_t* start, 
   return true;
 }
 
+// Eight-float vectors (GCC/Clang vector extension: AVX with -march=native, plain SSE or scalar
+// code elsewhere); loads and stores go through memcpy, so rows need no particular alignment.
+typedef float F8 __attribute__((vector_size(32)));
+
+inline F8 Load8(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Sum8(F8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// <a, b> with four independent vector accumulators: a single accumulator chains every multiply-add
+// through the FMA latency; gather_dot measured 1.2x slower that way at d = 256.
+// (Software-prefetching the next pairs' token rows was measured no faster in any kernel.)
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+  F8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32) {
+    s0 += Load8(a + i) * Load8(b + i);
+    s1 += Load8(a + i + 8) * Load8(b + i + 8);
+    s2 += Load8(a + i + 16) * Load8(b + i + 16);
+    s3 += Load8(a + i + 24) * Load8(b + i + 24);
+  }
+  for (; i + 8 <= d; i += 8) s0 += Load8(a + i) * Load8(b + i);
+  float acc = Sum8((s0 + s1) + (s2 + s3));
+  for (; i < d; ++i) acc += a[i] * b[i];
   return acc;
 }
 
@@ -217,13 +242,58 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
 }
 
 // Top-k of one row in descending order; among equal values the lower index comes first (as
-// jax.lax.top_k). Insertion into a sorted buffer, in index order. First a lower bound on the
-// k-th largest value: split the row into blocks of floor(n/k) elements (so there are at least k
-// blocks) and take the smallest block maximum — at least k elements are >= it, so an element
-// below it is in no top-k and is skipped without touching the buffer. Measured on random
-// scores (n = 256, k = 16): ~35 instead of ~60 insertions per row, 1.35x faster. (A vectorised
-// block pre-test against the running k-th value and a branch-free insertion were no faster.)
-inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* pos) {
+// jax.lax.top_k).
+//
+// First a lower bound on the k-th largest value: split the row into blocks of floor(n/k)
+// elements (so there are at least k blocks) and take the smallest block maximum. At least k
+// elements are >= it, so an element below it is in no top-k. The elements >= bound (~48 of 256
+// for k = 16 on random scores) are collected branch-free, in index order. For k <= 16 they are
+// then inserted into a sorted 16-lane buffer held in two 8-float vectors (plus two of indices):
+// each insertion is a compare, a one-lane shift and two blends, with no data-dependent branch
+// (an earlier candidate stays ahead of an equal later one, which gives lax.top_k's tie order).
+// Measured on random scores (n = 256, k = 16): 0.49 us per row against 1.34 us for the previous
+// scalar insertion (whose ~35 shifting insertions per row mispredicted), and 0.87 us for that
+// insertion run over the collected candidates only. Larger k, or a row whose bound is not
+// above -inf (or is NaN), take the scalar insertion.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define PEER_JAX_SHUFFLE 1
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+inline void InsertTop16(const float* cand, const int32_t* cpos, int64_t c, int64_t k, float* val, int32_t* pos) {
+  const float lo = -__builtin_inff();
+  F8 t0 = {lo, lo, lo, lo, lo, lo, lo, lo}, t1 = t0;  // values, descending; lanes 0-7 and 8-15
+  I8 p0 = {}, p1 = {};                               // their indices
+  const I8 ones = {-1, -1, -1, -1, -1, -1, -1, -1};
+  for (int64_t q = 0; q < c; ++q) {
+    const F8 x = cand[q] - F8{};
+    const I8 ix = cpos[q] + I8{};
+    const I8 keep0 = t0 >= x, keep1 = t1 >= x;  // lanes that stay where they are
+    // Lanes right after the last kept one receive x; the lanes after that take their left
+    // neighbour (the buffer shifted by one lane, the 16th value dropping out).
+    const I8 here0 = __builtin_shufflevector(ones, keep0, 0, 8, 9, 10, 11, 12, 13, 14);
+    const I8 here1 = __builtin_shufflevector(keep0, keep1, 7, 8, 9, 10, 11, 12, 13, 14);
+    const F8 s0 = __builtin_shufflevector(t0, t0, 0, 0, 1, 2, 3, 4, 5, 6);
+    const F8 s1 = __builtin_shufflevector(t0, t1, 7, 8, 9, 10, 11, 12, 13, 14);
+    const I8 r0 = __builtin_shufflevector(p0, p0, 0, 0, 1, 2, 3, 4, 5, 6);
+    const I8 r1 = __builtin_shufflevector(p0, p1, 7, 8, 9, 10, 11, 12, 13, 14);
+    t0 = keep0 ? t0 : (here0 ? x : s0);
+    t1 = keep1 ? t1 : (here1 ? x : s1);
+    p0 = keep0 ? p0 : (here0 ? ix : r0);
+    p1 = keep1 ? p1 : (here1 ? ix : r1);
+  }
+  float tv[16];
+  int32_t tp[16];
+  std::memcpy(tv, &t0, sizeof(t0));
+  std::memcpy(tv + 8, &t1, sizeof(t1));
+  std::memcpy(tp, &p0, sizeof(p0));
+  std::memcpy(tp + 8, &p1, sizeof(p1));
+  std::copy(tv, tv + k, val);
+  std::copy(tp, tp + k, pos);
+}
+#endif
+
+// `cand` and `cpos` are scratch of n elements.
+inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* pos, float* cand, int32_t* cpos) {
   const int64_t bs = n / k;  // >= 1 since k <= n; ceil(n / bs) >= k blocks
   float bound = v[0];
   for (int64_t b = 0; b < n; b += bs) {
@@ -233,6 +303,18 @@ inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* p
     for (int64_t i = b; i < e; ++i) m = v[i] > m ? v[i] : m;
     bound = b == 0 ? m : std::min(bound, m);
   }
+#ifdef PEER_JAX_SHUFFLE
+  if (k <= 16 && bound > -__builtin_inff()) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      cand[c] = v[i];
+      cpos[c] = static_cast<int32_t>(i);
+      c += v[i] >= bound;
+    }
+    InsertTop16(cand, cpos, c, k, val, pos);
+    return;
+  }
+#endif
   int64_t filled = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float x = v[i];
@@ -269,13 +351,13 @@ ffi::Error ProductKeyTopKImpl(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2
   float* so = scores->typed_data();
   int32_t* io = items->typed_data();
   ParallelFor(r, 64, [&](int64_t b, int64_t e) {
-    std::vector<float> v1(k), v2(k), cand(nc), vk(k);
-    std::vector<int32_t> a1(k), a2(k), pk(k);
+    std::vector<float> v1(k), v2(k), cand(nc), vk(k), scratch(std::max(n, nc));
+    std::vector<int32_t> a1(k), a2(k), pk(k), spos(std::max(n, nc));
     for (int64_t row = b; row < e; ++row) {
-      RowTopK(p1 + row * n, n, k, v1.data(), a1.data());
-      RowTopK(p2 + row * n, n, k, v2.data(), a2.data());
+      RowTopK(p1 + row * n, n, k, v1.data(), a1.data(), scratch.data(), spos.data());
+      RowTopK(p2 + row * n, n, k, v2.data(), a2.data(), scratch.data(), spos.data());
       for (int64_t c = 0; c < nc; ++c) cand[c] = v1[ci[c]] + v2[cj[c]];
-      RowTopK(cand.data(), nc, k, vk.data(), pk.data());
+      RowTopK(cand.data(), nc, k, vk.data(), pk.data(), scratch.data(), spos.data());
       for (int64_t j = 0; j < k; ++j) {
         so[row * k + j] = vk[j];
         io[row * k + j] = a1[ci[pk[j]]] * static_cast<int32_t>(n) + a2[cj[pk[j]]];
