@@ -31,6 +31,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -128,6 +132,24 @@ inline void Axpy(float w, const float* __restrict x, float* __restrict y, int64_
   for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
 }
 
+// dst[0:d] = src[0:d], bypassing the cache (non-temporal AVX stores) when dst is 32-byte aligned
+// and d a multiple of 8; StreamFence() orders those stores before the kernel returns.
+inline void StreamRow(const float* __restrict src, float* __restrict dst, int64_t d) {
+#ifdef __AVX__
+  if (reinterpret_cast<uintptr_t>(dst) % 32 == 0 && d % 8 == 0) {
+    for (int64_t i = 0; i < d; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, sizeof(float) * d);
+}
+
+inline void StreamFence() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
 ffi::Error CheckRank2(const ffi::Span<const int64_t>& dims, const char* what) {
   if (dims.size() != 2) return ffi::Error::InvalidArgument(std::string(what) + " must have rank 2");
   return ffi::Error::Success();
@@ -161,18 +183,22 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> sta
   const float* yp = y.typed_data();
   float* op = out->typed_data();
   // Each row of the [N, d] result is written once, in order (zero rows included), instead of
-  // read-modified-written at random per pair.
+  // read-modified-written at random per pair. The row is summed in a cache-resident buffer and
+  // then written with non-temporal stores where the CPU has them: an ordinary store first reads
+  // every line of the (N·d·4-byte, fresh) result from memory, which doubles its traffic.
   const int32_t* st = start.typed_data();
   const int32_t* ord = order.typed_data();
   ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
+    std::vector<float> acc(d);
     for (int64_t r = b; r < e; ++r) {
-      float* orow = op + r * d;
-      std::memset(orow, 0, sizeof(float) * d);
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t q = st[r]; q < st[r + 1]; ++q) {
         const int64_t p = ord[q];
-        Axpy(wp[p], yp + (p / s) * d, orow, d);
+        Axpy(wp[p], yp + (p / s) * d, acc.data(), d);
       }
+      StreamRow(acc.data(), op + r * d, d);
     }
+    StreamFence();
   });
   return ffi::Error::Success();
 }
