@@ -24,10 +24,12 @@
 // An index outside [0, N) makes the kernel fail with an error instead of touching memory.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -41,42 +43,60 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-int NumThreads() {
-  static const int n = [] {
-    const char* env = std::getenv("PEER_JAX_NATIVE_THREADS");
-    int v = env ? std::atoi(env) : 0;
-    if (v <= 0) v = static_cast<int>(std::thread::hardware_concurrency());
-    return std::max(1, v);
+// Work is split into contiguous chunks run on XLA's intra-op thread pool (the FFI ThreadPool
+// context), the calling thread included: the calling thread and the pool's threads claim chunks
+// from an atomic counter, and the caller waits only for chunks already claimed, which are
+// running, so a busy pool (XLA runs independent thunks concurrently) never deadlocks the call
+// and never oversubscribes the cores: a kernel whose pool threads are busy runs on the caller
+// alone. (Spawning its own threads per call, as before, put up to twice as many busy threads as
+// cores on the machine while XLA ran another op alongside.) The chunk count is the pool's size,
+// or PEER_JAX_NATIVE_THREADS, and fixes the summation order, so results do not depend on which
+// thread runs which chunk.
+int64_t Workers(ffi::ThreadPool& pool) {
+  static const int64_t env = [] {
+    const char* v = std::getenv("PEER_JAX_NATIVE_THREADS");
+    return v ? static_cast<int64_t>(std::atoi(v)) : int64_t{0};
   }();
-  return n;
+  if (env > 0) return env;
+  return std::max<int64_t>(1, pool.num_threads());
 }
 
-int64_t ThreadsFor(int64_t n, int64_t min_per_thread) {
-  return std::min<int64_t>(NumThreads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
+int64_t ChunksFor(ffi::ThreadPool& pool, int64_t n, int64_t min_per_chunk) {
+  return std::min<int64_t>(Workers(pool), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_chunk)));
 }
 
-// Runs fn(thread, begin, end) over [0, n) split into `threads` contiguous chunks.
+// Runs fn(chunk, begin, end) over [0, n) split into `chunks` contiguous ranges.
 template <typename Fn>
-void ParallelForT(int64_t n, int64_t threads, Fn fn) {
-  if (threads <= 1) {
+void ParallelForT(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Fn fn) {
+  if (chunks <= 1) {
     fn(int64_t{0}, int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([=] { fn(t, b, e); });
+  const int64_t size = (n + chunks - 1) / chunks;
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  Fn* body = &fn;  // dereferenced only for a claimed chunk, i.e. while this call is waiting
+  auto work = [state, body, n, chunks, size] {
+    for (int64_t c; (c = state->next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t b = c * size, e = std::min(n, b + size);
+      if (b < e) (*body)(c, b, e);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < chunks; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
   }
-  fn(int64_t{0}, int64_t{0}, std::min(n, chunk));
-  for (auto& th : pool) th.join();
+  work();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// Runs fn(begin, end) over [0, n) split into contiguous chunks, one per thread.
+// Runs fn(begin, end) over [0, n) in chunks of at least min_per_chunk (one per worker at most).
 template <typename Fn>
-void ParallelFor(int64_t n, int64_t min_per_thread, Fn fn) {
-  ParallelForT(n, ThreadsFor(n, min_per_thread), [&](int64_t, int64_t b, int64_t e) { fn(b, e); });
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_per_chunk, Fn fn) {
+  ParallelForT(pool, n, ChunksFor(pool, n, min_per_chunk), [&](int64_t, int64_t b, int64_t e) { fn(b, e); });
 }
 
 // The (token, slot) pairs grouped by table row: pairs of row r are order[start[r] .. start[r+1]),
@@ -172,7 +192,7 @@ ffi::Error GroupByRowImpl(ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::S32>
   return ffi::Error::Success();
 }
 
-ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order,
+ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
   if (auto e = CheckRank2(y.dimensions(), "y"); e.failure()) return e;
@@ -188,7 +208,7 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> sta
   // every line of the (N·d·4-byte, fresh) result from memory, which doubles its traffic.
   const int32_t* st = start.typed_data();
   const int32_t* ord = order.typed_data();
-  ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
+  ParallelFor(pool, n, 1024, [=](int64_t b, int64_t e) {
     std::vector<float> acc(d);
     for (int64_t r = b; r < e; ++r) {
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -203,7 +223,7 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> sta
   return ffi::Error::Success();
 }
 
-ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
+ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(x.dimensions(), "x"); e.failure()) return e;
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
@@ -216,7 +236,7 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, f
   if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
   const int32_t* st = start.typed_data();
   const int32_t* ord = order.typed_data();
-  ParallelFor(n, 1024, [=](int64_t b, int64_t e) {
+  ParallelFor(pool, n, 1024, [=](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* row = tp + r * d;
       for (int64_t q = st[r]; q < st[r + 1]; ++q) {
@@ -228,7 +248,7 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, f
   return ffi::Error::Success();
 }
 
-ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start,
+ffi::Error EmbeddingBagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start,
                             ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
@@ -240,11 +260,11 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
   if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
   const int32_t* st = start.typed_data();
   const int32_t* ord = order.typed_data();
-  const int64_t threads = ThreadsFor(n, 1024);
+  const int64_t threads = ChunksFor(pool, n, 1024);
   // Thread 0 accumulates into the output, the others into private [M, d] buffers, summed after.
   std::vector<std::vector<float>> priv(threads > 1 ? threads - 1 : 0);
   std::memset(op, 0, sizeof(float) * m * d);
-  ParallelForT(n, threads, [&](int64_t t, int64_t b, int64_t e) {
+  ParallelForT(pool, n, threads, [&](int64_t t, int64_t b, int64_t e) {
     float* acc = op;
     if (t > 0) {
       priv[t - 1].assign(m * d, 0.f);
@@ -259,7 +279,7 @@ ffi::Error EmbeddingBagImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
     }
   });
   if (!priv.empty()) {
-    ParallelFor(m, 16, [&](int64_t b, int64_t e) {
+    ParallelFor(pool, m, 16, [&](int64_t b, int64_t e) {
       for (auto& buf : priv)
         if (!buf.empty()) Axpy(1.f, buf.data() + b * d, op + b * d, (e - b) * d);
     });
@@ -360,7 +380,7 @@ inline void RowTopK(const float* v, int64_t n, int64_t k, float* val, int32_t* p
 // of each half, the candidate sums s1[a_i] + s2[b_j] over the pairs (i+1)(j+1) <= k (in the
 // order i, then j: product_keys.candidate_pairs), and the top-k of those. Outputs the scores
 // [R, k] and the item indices a*n + b [R, k]; identical to product_keys' XLA path.
-ffi::Error ProductKeyTopKImpl(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2, int64_t k,
+ffi::Error ProductKeyTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2, int64_t k,
                               ffi::ResultBuffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> items) {
   if (auto e = CheckRank2(s1.dimensions(), "s1"); e.failure()) return e;
   const int64_t r = s1.dimensions()[0], n = s1.dimensions()[1];
@@ -376,7 +396,7 @@ ffi::Error ProductKeyTopKImpl(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2
   const float* p2 = s2.typed_data();
   float* so = scores->typed_data();
   int32_t* io = items->typed_data();
-  ParallelFor(r, 64, [&](int64_t b, int64_t e) {
+  ParallelFor(pool, r, 64, [&](int64_t b, int64_t e) {
     std::vector<float> v1(k), v2(k), cand(nc), vk(k), scratch(std::max(n, nc));
     std::vector<int32_t> a1(k), a2(k), pk(k), spos(std::max(n, nc));
     for (int64_t row = b; row < e; ++row) {
@@ -397,6 +417,7 @@ ffi::Error ProductKeyTopKImpl(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxProductKeyTopK, ProductKeyTopKImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k")
@@ -411,6 +432,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGroupByRow, GroupByRowImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDot, GatherDotImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
@@ -420,6 +442,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDot, GatherDotImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxEmbeddingBag, EmbeddingBagImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
@@ -429,6 +452,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxEmbeddingBag, EmbeddingBagImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxScatterOuter, ScatterOuterImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
