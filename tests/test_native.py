@@ -26,15 +26,23 @@ def _case(seed, m=37, s=5, n=64, d=33):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_kernels_match_numpy(seed):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_kernels_match_numpy(seed, grouped):
+    """grouped: the expert-centric kernels (pairs grouped by row); otherwise embedding_bag and
+    scatter_outer take their token-centric small-table kernels (this table is 8 KiB)."""
     x, table, idx, w = _case(seed)
     n, d = table.shape
+    assert native._small(n, d)
     dot = np.einsum("md,msd->ms", x.astype(np.float64), table[idx].astype(np.float64))
     bag = np.einsum("ms,msd->md", w.astype(np.float64), table[idx].astype(np.float64))
     scat = np.zeros((n, d))
     np.add.at(scat, idx.reshape(-1), (w[:, :, None].astype(np.float64) * x[:, None, :]).reshape(-1, d))
-    got = jax.jit(lambda x, t, i, w: (native.gather_dot(x, t, i), native.embedding_bag(t, i, w),
-                                      native.scatter_outer(i, w, x, n)))(x, table, idx, w)
+
+    def kernels(x, t, i, w):
+        g = native.group_by_row(i, n) if grouped else None
+        return native.gather_dot(x, t, i), native.embedding_bag(t, i, w, g), native.scatter_outer(i, w, x, n, g)
+
+    got = jax.jit(kernels)(x, table, idx, w)
     for g, want in zip(got, (dot, bag, scat)):
         assert g.dtype == jnp.float32 and g.shape == want.shape
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
@@ -44,7 +52,9 @@ def test_kernels_match_numpy(seed):
 def test_kernels_are_deterministic():
     x, table, idx, w = _case(2, m=300, s=16, n=4096, d=64)
     f = jax.jit(lambda x, t, i, w: (native.gather_dot(x, t, i), native.embedding_bag(t, i, w),
-                                    native.scatter_outer(i, w, x, t.shape[0])))
+                                    native.scatter_outer(i, w, x, t.shape[0]),
+                                    native.embedding_bag(t, i, w, native.group_by_row(i, t.shape[0])),
+                                    native.scatter_outer(i, w, x, t.shape[0], native.group_by_row(i, t.shape[0]))))
     a, b = f(x, table, idx, w), f(x, table, idx, w)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
@@ -80,8 +90,10 @@ def test_out_of_range_index_is_an_error_not_a_wild_write():
     x, table, idx, w = _case(3)
     bad = idx.copy()
     bad[1, 2] = table.shape[0]  # one past the end
+    n = table.shape[0]
     for fn in (lambda: native.gather_dot(x, table, bad), lambda: native.embedding_bag(table, bad, w),
-               lambda: native.scatter_outer(bad, w, x, table.shape[0])):
+               lambda: native.scatter_outer(bad, w, x, n),  # small-table kernels: checked in the kernel
+               lambda: native.scatter_outer(bad, w, x, n, native.group_by_row(bad, n))):
         with pytest.raises(Exception, match="index out of range"):
             jax.block_until_ready(jax.jit(fn)())
 

@@ -44,6 +44,8 @@ TARGETS = {
     "scatter_outer": "PeerJaxScatterOuter",
     "product_key_topk": "PeerJaxProductKeyTopK",
     "group_by_row": "PeerJaxGroupByRow",
+    "bag_small": "PeerJaxBagSmall",
+    "scatter_small": "PeerJaxScatterSmall",
 }
 
 
@@ -156,6 +158,15 @@ def product_key_select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array,
 
 Groups = tuple[jax.Array, jax.Array]
 
+# Tables up to this size (the product-key sub-key tables) are handled token-centrically, without
+# grouping the pairs by row: embedding_bag and scatter_outer called without ``groups`` on such a
+# table walk the tokens in order and find the rows in cache (bag_small / scatter_small kernels).
+SMALL_TABLE_BYTES = 1 << 20
+
+
+def _small(rows: int, d: int) -> bool:
+    return rows * d * 4 <= SMALL_TABLE_BYTES
+
 
 def group_by_row(idx: jax.Array, num_rows: int) -> Groups:
     """The (token, slot) pairs of ``idx: [M, S]`` grouped by table row, for the kernels below.
@@ -178,6 +189,9 @@ def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array, groups: Groups | 
 
 def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, groups: Groups | None = None) -> jax.Array:
     """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``."""
+    if groups is None and _small(table.shape[0], table.shape[-1]):
+        return _call("bag_small", (idx.shape[0], table.shape[-1]), table.astype(jnp.float32),
+                     idx.astype(jnp.int32), w.astype(jnp.float32))
     groups = group_by_row(idx, table.shape[0]) if groups is None else groups
     return _call("embedding_bag", (idx.shape[0], table.shape[-1]), table.astype(jnp.float32),
                  idx.astype(jnp.int32), *groups, w.astype(jnp.float32))
@@ -186,6 +200,9 @@ def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, groups: Groups
 def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int,
                   groups: Groups | None = None) -> jax.Array:
     """float32 ``[num_rows, d]``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]``."""
+    if groups is None and _small(num_rows, y.shape[-1]):
+        return _call("scatter_small", (num_rows, y.shape[-1]), idx.astype(jnp.int32), w.astype(jnp.float32),
+                     y.astype(jnp.float32))
     groups = group_by_row(idx, num_rows) if groups is None else groups
     return _call("scatter_outer", (num_rows, y.shape[-1]), idx.astype(jnp.int32), *groups, w.astype(jnp.float32),
                  y.astype(jnp.float32))

@@ -6,6 +6,8 @@
 //   embedding_bag(T[N,d], idx[M,S], w[M,S])  -> out[M,d],  out[m]   = sum_s w[m,s] T[idx[m,s]]
 //   scatter_outer(idx[M,S], w[M,S], y[M,d])  -> out[N,d],  out[n]   = sum_{idx[m,s]=n} w[m,s] y[m]
 //
+// (bag_small and scatter_small: the last two, token-centric, for tables that fit in cache.)
+//
 // and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end).
 //
 // All three are expert-centric: the M·S (token, slot) pairs are grouped by table row with a
@@ -287,6 +289,67 @@ ffi::Error EmbeddingBagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, f
   return ffi::Error::Success();
 }
 
+// Token-centric embedding_bag and scatter_outer for tables small enough to stay in cache (the
+// product-key sub-key tables: sqrt(N) rows of d_key/2 floats, times the heads when the keys are
+// per head). Grouping the pairs by row would cost more than it saves there: the table rows are
+// cache hits anyway, and walking the tokens in order reads and writes the token side once, in
+// order. Both check the indices first.
+ffi::Error CheckIndices(const int32_t* idx, int64_t pairs, int64_t rows) {
+  for (int64_t p = 0; p < pairs; ++p)
+    if (idx[p] < 0 || idx[p] >= rows) return ffi::Error::InvalidArgument("index out of range");
+  return ffi::Error::Success();
+}
+
+ffi::Error BagSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
+                        ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
+  if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
+  const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = table.dimensions()[1];
+  const int64_t n = table.dimensions()[0];
+  const int32_t* ip = idx.typed_data();
+  if (auto e = CheckIndices(ip, m * s, n); e.failure()) return e;
+  const float* tp = table.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, m, 64, [=](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* orow = op + t * d;
+      std::fill(orow, orow + d, 0.f);
+      for (int64_t j = 0; j < s; ++j) Axpy(wp[t * s + j], tp + ip[t * s + j] * d, orow, d);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> out) {
+  if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
+  if (auto e = CheckRank2(y.dimensions(), "y"); e.failure()) return e;
+  const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = y.dimensions()[1];
+  const int64_t n = out->dimensions()[0];
+  const int32_t* ip = idx.typed_data();
+  if (auto e = CheckIndices(ip, m * s, n); e.failure()) return e;
+  const float* wp = w.typed_data();
+  const float* yp = y.typed_data();
+  float* op = out->typed_data();
+  // Chunk 0 sums into the output, the others into private tables, added in chunk order.
+  const int64_t chunks = ChunksFor(pool, m, 256);
+  std::vector<std::vector<float>> priv(chunks > 1 ? chunks - 1 : 0);
+  std::memset(op, 0, sizeof(float) * n * d);
+  ParallelForT(pool, m, chunks, [&](int64_t c, int64_t b, int64_t e) {
+    float* acc = op;
+    if (c > 0) {
+      priv[c - 1].assign(n * d, 0.f);
+      acc = priv[c - 1].data();
+    }
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t j = 0; j < s; ++j) Axpy(wp[t * s + j], yp + t * d, acc + ip[t * s + j] * d, d);
+  });
+  for (auto& buf : priv)
+    if (!buf.empty()) Axpy(1.f, buf.data(), op, n * d);
+  return ffi::Error::Success();
+}
+
 // Top-k of one row in descending order; among equal values the lower index comes first (as
 // jax.lax.top_k).
 //
@@ -447,6 +510,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxEmbeddingBag, EmbeddingBagImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxBagSmall, BagSmallImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxScatterSmall, ScatterSmallImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
