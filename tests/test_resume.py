@@ -54,9 +54,14 @@ def _metrics(workdir):
 def _final_params(workdir):
     import orbax.checkpoint as ocp
 
-    path = Path(workdir) / "checkpoints" / str(STEPS) / "state"
-    tree = ocp.PyTreeCheckpointer().restore(str(path))
-    return tree["params"]
+    import jax
+
+    path = str(Path(workdir) / "checkpoints" / str(STEPS) / "state")
+    ckpt = ocp.PyTreeCheckpointer()
+    meta = ckpt.metadata(path)
+    # As host numpy arrays: restoring jax.Arrays without shardings makes orbax warn and guess them.
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.item_metadata.tree)
+    return ckpt.restore(path, restore_args=as_numpy)["params"]
 
 
 @pytest.fixture(scope="module")
