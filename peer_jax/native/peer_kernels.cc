@@ -6,8 +6,6 @@
 //   embedding_bag(T[N,d], idx[M,S], w[M,S])  -> out[M,d],  out[m]   = sum_s w[m,s] T[idx[m,s]]
 //   scatter_outer(idx[M,S], w[M,S], y[M,d])  -> out[N,d],  out[n]   = sum_{idx[m,s]=n} w[m,s] y[m]
 //
-// (bag_small and scatter_small: the last two, token-centric, for tables that fit in cache.)
-//
 // and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end).
 //
 // All three are expert-centric: the M·S (token, slot) pairs are grouped by table row with a
@@ -16,12 +14,14 @@
 // row read or written once and streamed, handling every pair routed to that row there. The
 // token-side rows (x, y, the bag outputs: M·d floats) are what is accessed at random, and they
 // are small enough to stay in cache. (Gathering T[idx] per token instead reads each row once
-// per pair, at random: measured 1.3-1.5x slower per kernel here.)
+// per pair, at random: measured 1.3-1.5x slower per kernel here.) For tables that themselves fit
+// in cache (the product-key sub-keys), bag_small and scatter_small do the last two
+// token-centrically, without the grouping.
 //
-// Threads split the table rows into contiguous ranges, so no two threads write the same
-// element of a row-indexed output; embedding_bag's token-indexed output gets one private
-// accumulator per extra thread, summed at the end. Results are deterministic for a given
-// thread count (PEER_JAX_NATIVE_THREADS, default: all hardware threads); no atomics.
+// Work is split into chunks of rows (ParallelForT below): no two chunks write the same element
+// of a row-indexed output, and token-indexed outputs get one private accumulator per extra chunk,
+// summed in chunk order at the end. Results are deterministic for a given chunk count; no
+// atomics on data.
 //
 // An index outside [0, N) makes the kernel fail with an error instead of touching memory.
 
@@ -194,8 +194,9 @@ ffi::Error GroupByRowImpl(ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::S32>
   return ffi::Error::Success();
 }
 
-ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order,
-                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start,
+                            ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
+                            ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
   if (auto e = CheckRank2(y.dimensions(), "y"); e.failure()) return e;
   const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = y.dimensions()[1];
@@ -225,8 +226,9 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table,
+                         ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order,
+                         ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(x.dimensions(), "x"); e.failure()) return e;
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
@@ -250,28 +252,43 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
-ffi::Error EmbeddingBagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> start,
-                            ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+// Runs fn(acc, begin, end) over [0, n) in `chunks` ranges, where acc is that chunk's accumulator
+// of `size` floats: `out` itself (zeroed) for chunk 0, a private zeroed buffer for the others,
+// added into `out` in chunk order at the end (so the sums do not depend on the threads).
+template <typename Fn>
+void AccumulateChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunks, float* out, int64_t size, Fn fn) {
+  std::vector<std::vector<float>> priv(chunks > 1 ? chunks - 1 : 0);
+  std::memset(out, 0, sizeof(float) * size);
+  ParallelForT(pool, n, chunks, [&](int64_t c, int64_t b, int64_t e) {
+    float* acc = out;
+    if (c > 0) {
+      priv[c - 1].assign(size, 0.f);
+      acc = priv[c - 1].data();
+    }
+    fn(acc, b, e);
+  });
+  if (priv.empty()) return;
+  ParallelFor(pool, size, 4096, [&](int64_t b, int64_t e) {
+    for (auto& buf : priv)
+      if (!buf.empty()) Axpy(1.f, buf.data() + b, out + b, e - b);
+  });
+}
+
+ffi::Error EmbeddingBagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> idx,
+                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> out) {
   if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
   if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
   const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = table.dimensions()[1];
   const int64_t n = table.dimensions()[0];
   const float* tp = table.typed_data();
   const float* wp = w.typed_data();
-  float* op = out->typed_data();
   if (auto e = CheckGroups(start, order, n, m * s); e.failure()) return e;
   const int32_t* st = start.typed_data();
   const int32_t* ord = order.typed_data();
-  const int64_t threads = ChunksFor(pool, n, 1024);
-  // Thread 0 accumulates into the output, the others into private [M, d] buffers, summed after.
-  std::vector<std::vector<float>> priv(threads > 1 ? threads - 1 : 0);
-  std::memset(op, 0, sizeof(float) * m * d);
-  ParallelForT(pool, n, threads, [&](int64_t t, int64_t b, int64_t e) {
-    float* acc = op;
-    if (t > 0) {
-      priv[t - 1].assign(m * d, 0.f);
-      acc = priv[t - 1].data();
-    }
+  // Chunks of table rows; the token-indexed output is accumulated per chunk.
+  const int64_t chunks = ChunksFor(pool, n, 1024);
+  AccumulateChunks(pool, n, chunks, out->typed_data(), m * d, [=](float* acc, int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* row = tp + r * d;
       for (int64_t q = st[r]; q < st[r + 1]; ++q) {
@@ -280,12 +297,6 @@ ffi::Error EmbeddingBagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, f
       }
     }
   });
-  if (!priv.empty()) {
-    ParallelFor(pool, m, 16, [&](int64_t b, int64_t e) {
-      for (auto& buf : priv)
-        if (!buf.empty()) Axpy(1.f, buf.data() + b * d, op + b * d, (e - b) * d);
-    });
-  }
   return ffi::Error::Success();
 }
 
@@ -332,21 +343,11 @@ ffi::Error ScatterSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi
   const float* wp = w.typed_data();
   const float* yp = y.typed_data();
   float* op = out->typed_data();
-  // Chunk 0 sums into the output, the others into private tables, added in chunk order.
-  const int64_t chunks = ChunksFor(pool, m, 256);
-  std::vector<std::vector<float>> priv(chunks > 1 ? chunks - 1 : 0);
-  std::memset(op, 0, sizeof(float) * n * d);
-  ParallelForT(pool, m, chunks, [&](int64_t c, int64_t b, int64_t e) {
-    float* acc = op;
-    if (c > 0) {
-      priv[c - 1].assign(n * d, 0.f);
-      acc = priv[c - 1].data();
-    }
+  // Chunks of tokens; the row-indexed output (small) is accumulated per chunk.
+  AccumulateChunks(pool, m, ChunksFor(pool, m, 256), op, n * d, [=](float* acc, int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t j = 0; j < s; ++j) Axpy(wp[t * s + j], yp + t * d, acc + ip[t * s + j] * d, d);
   });
-  for (auto& buf : priv)
-    if (!buf.empty()) Axpy(1.f, buf.data(), op, n * d);
   return ffi::Error::Success();
 }
 
@@ -360,10 +361,10 @@ ffi::Error ScatterSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi
 // then inserted into a sorted 16-lane buffer held in two 8-float vectors (plus two of indices):
 // each insertion is a compare, a one-lane shift and two blends, with no data-dependent branch
 // (an earlier candidate stays ahead of an equal later one, which gives lax.top_k's tie order).
-// Measured on random scores (n = 256, k = 16): 0.49 us per row against 1.34 us for the previous
-// scalar insertion (whose ~35 shifting insertions per row mispredicted), and 0.87 us for that
-// insertion run over the collected candidates only. Larger k, or a row whose bound is not
-// above -inf (or is NaN), take the scalar insertion.
+// Measured on random scores (n = 256, k = 16): 0.36 us per row (0.49 with a scalar collect)
+// against 1.34 us for the previous scalar insertion (whose ~35 shifting insertions per row
+// mispredicted), and 0.87 us for that insertion run over the collected candidates only. Larger
+// k, or a row whose bound is not above -inf (or is NaN), take the scalar insertion.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define PEER_JAX_SHUFFLE 1
 typedef int32_t I8 __attribute__((vector_size(32)));
