@@ -98,13 +98,14 @@ def test_out_of_range_index_is_an_error_not_a_wild_write():
             jax.block_until_ready(jax.jit(fn)())
 
 
-@pytest.mark.parametrize("n,k", [(16, 16), (17, 16), (50, 16), (64, 5), (256, 16), (32, 1), (300, 9), (64, 32)])
+@pytest.mark.parametrize("n,k", [(16, 16), (17, 16), (50, 16), (64, 5), (256, 16), (32, 1), (300, 9), (64, 32),
+                                 (300, 24), (100, 40)])
 @pytest.mark.parametrize("scores", ["normal", "ties", "neg_inf"])
 def test_product_key_select_matches_lax_top_k(n, k, scores):
     """The C++ selection (half top-k's with the block-maximum bound, candidates, final top-k)
     against the same steps in lax.top_k: identical values and items, tie order included. k <= 16
-    takes the vector insertion, k = 32 the scalar one; rows whose bound is -inf (half the
-    entries -inf, some rows all -inf) take the scalar one too."""
+    and k <= 32 take the two- and four-vector insertions, k = 40 the scalar one; rows whose
+    bound is -inf (half the entries -inf, some rows all -inf) take the scalar one too."""
     from peer_jax.layers.product_keys import candidate_pairs
 
     rng = np.random.default_rng(n * 10 + k)
