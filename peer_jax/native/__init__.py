@@ -13,8 +13,10 @@ between different machines never loads code built for another CPU. Concurrent fi
 (pytest-xdist workers, several hosts on one NFS home) each build into a temporary file and
 rename it into place atomically.
 
-Threads: ``PEER_JAX_NATIVE_THREADS`` (default: all hardware threads). Work is split so that no
-two threads write the same output element, so results are deterministic.
+Threads: each kernel splits its work into chunks run on XLA's intra-op thread pool (the FFI
+``ThreadPool`` context), the calling thread included; ``PEER_JAX_NATIVE_THREADS`` sets the chunk
+count (default: the pool's size). Chunks never write the same output element, and per-chunk
+partial sums are added in chunk order, so results are deterministic.
 
 The plain-jnp references these kernels are tested against are ``expert_compute``'s XLA loops
 and ``*_naive`` functions (tests/test_native.py).
