@@ -202,8 +202,10 @@ def test_chunked_routing_matches_unchunked(naive_and_efficient):
     assert_trees_close(chunked, naive_and_efficient["naive"])
 
 
-def test_project_vjp_matches_autodiff():
-    """The query projection's custom VJP == autodiff of the plain einsum (nnx.Linear's math)."""
+@pytest.mark.parametrize("transposed_grad", [False, True])
+def test_project_vjp_matches_autodiff(transposed_grad):
+    """The query projection's custom VJP == autodiff of the plain einsum (nnx.Linear's math),
+    in both forms of the kernel gradient."""
     from peer_jax.layers.peer import _project
 
     rng = np.random.default_rng(3)
@@ -211,7 +213,8 @@ def test_project_vjp_matches_autodiff():
     w = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
     ct = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
     got, want = jax.jit(lambda: (
-        (_project(x, w), jax.grad(lambda x, w: jnp.sum(_project(x, w) * ct), argnums=(0, 1))(x, w)),
+        (_project(x, w, transposed_grad),
+         jax.grad(lambda x, w: jnp.sum(_project(x, w, transposed_grad) * ct), argnums=(0, 1))(x, w)),
         (x @ w, jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)),
     ))()
     assert_trees_close(got, want)

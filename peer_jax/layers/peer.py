@@ -25,6 +25,7 @@ partitions it along the batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -67,8 +68,8 @@ def _fit(entry, dim: int, mesh) -> str | tuple[str, ...] | None:
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
-@jax.custom_vjp
-def _project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, kernel: jax.Array, transposed_grad: bool = False) -> jax.Array:
     """``x @ kernel`` (contracting x's last axis), as ``nnx.Linear`` without bias computes it.
 
     The custom VJP only fixes the *form* of the kernel gradient: ``dW = Σ_t x[t]ᵀ g[t]`` as one
@@ -77,26 +78,31 @@ def _project(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ``[tokens, h·d_key]`` transpose that took longer than the three matmuls of the projection
     together (~80 of ~800 ms CPU per PEER step at d=256, 2048 tokens; measured). Same values.
 
-    On CPU the kernel gradient is computed as ``xᵀ @ g`` with ``xᵀ`` materialised behind an
-    optimization barrier: a dot that contracts the leading axes is left to Eigen, which took
-    24 ms of CPU against 13 ms for the XNNPACK-fused dot on the transposed copy (one core,
-    [2048, 256]ᵀ·[2048, 1024]; the copy is 2 MiB). Other platforms (and an AOT compile for TPU
-    from a CPU host, via ``lax.platform_dependent``) keep the plain einsum.
+    ``transposed_grad`` (what ``compute="native"`` uses): on CPU, compute the kernel gradient as
+    ``xᵀ @ g`` with ``xᵀ`` materialised behind an optimization barrier. XLA:CPU leaves a dot that
+    contracts the leading axes to Eigen, which took 24 ms of CPU against 13 ms for the
+    XNNPACK-fused dot on the transposed copy (one core, [2048, 256]ᵀ·[2048, 1024]; the copy is
+    2 MiB). The sums then run in another order, so the other compute modes keep the einsum: their
+    committed results stay bit-for-bit reproducible. Other platforms (and an AOT compile for TPU
+    from a CPU host, via ``lax.platform_dependent``) always keep the einsum.
     """
     return jnp.einsum("...d,dk->...k", x, kernel)
 
 
-def _project_fwd(x, kernel):
-    return _project(x, kernel), (x, kernel)
+def _project_fwd(x, kernel, transposed_grad):
+    return _project(x, kernel, transposed_grad), (x, kernel)
 
 
-def _project_bwd(res, g):
+def _project_bwd(transposed_grad, res, g):
     x, kernel = res
     dx = jnp.einsum("...k,dk->...d", g, kernel)
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dk = jax.lax.platform_dependent(
-        x2, g2, cpu=lambda x2, g2: jax.lax.optimization_barrier(x2.T) @ g2,
-        default=lambda x2, g2: jnp.einsum("td,tk->dk", x2, g2))
+    einsum = lambda x2, g2: jnp.einsum("td,tk->dk", x2, g2)  # noqa: E731
+    if transposed_grad:
+        dk = jax.lax.platform_dependent(x2, g2, cpu=lambda x2, g2: jax.lax.optimization_barrier(x2.T) @ g2,
+                                        default=einsum)
+    else:
+        dk = einsum(x2, g2)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -246,7 +252,8 @@ class PEER(nnx.Module):
     def route(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False):
         """Router weights and expert indices, each ``[B, T, heads, top_k]`` (float32, int32)."""
         b, t, _ = x.shape
-        q = _project(x.astype(self.dtype), self.query.kernel[...].astype(self.dtype))  # == self.query(x)
+        q = _project(x.astype(self.dtype), self.query.kernel[...].astype(self.dtype),  # == self.query(x)
+                     self.compute == "native")
         if self.query_bn is not None:
             bn_mask = None
             if train and mask is not None:
