@@ -4,6 +4,11 @@ Layer-level equality (PEER and PKM with compute='native' == 'naive', values and 
 single device and on 8 fake devices) lives in test_peer.py, test_pkm.py and test_peer_sharded.py.
 """
 
+import os
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +164,18 @@ def test_row_grouping_is_computed_once_per_custom_vjp_call():
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, table))
     assert jaxpr.count("peer_jax_group_by_row") == 1, jaxpr
     assert jaxpr.count("peer_jax_gather_dot") == 1 and jaxpr.count("peer_jax_scatter_outer") == 1
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="baseline x86-64 build")
+def test_kernels_built_for_baseline_x86_64_pass_the_same_tests(tmp_path):
+    """The kernels compiled without AVX/AVX2 (-march=x86-64: SSE2 code for the vector types, the
+    scalar candidate collection, no non-temporal stores) pass this file's kernel and selection
+    tests, run in a fresh process so that build is the one registered."""
+    env = dict(os.environ, PEER_JAX_NATIVE_MARCH="x86-64", PEER_JAX_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "select or match_numpy or deterministic or out_of_range"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
+    built = list((tmp_path / "native").glob("peer_kernels-*.so"))
+    assert len(built) == 1, built  # the baseline build, not the cached -march=native one

@@ -6,7 +6,8 @@ gathered table row straight from the table, with no ``[tokens, slots, d]`` inter
 XLA gather/scatter. They are used by ``compute="native"`` in PEER and PKM, on CPU, in float32.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, default ``g++``;
-a few seconds) against the FFI headers shipped in jaxlib, with ``-march=native``, and cached in
+a few seconds) against the FFI headers shipped in jaxlib, with ``-march=native`` (or
+``$PEER_JAX_NATIVE_MARCH``), and cached in
 ``$PEER_JAX_CACHE/native`` (default ``~/.cache/peer_jax/native``) under a key made of the
 source, the flags, the jaxlib version and the CPU's model and feature flags, so a cache shared
 between different machines never loads code built for another CPU. Concurrent first uses
@@ -39,7 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("peer_kernels.cc")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _flags() -> tuple[str, ...]:
+    """FLAGS plus ``-march``: ``native``, or ``$PEER_JAX_NATIVE_MARCH`` (e.g. ``x86-64`` for a
+    baseline build without AVX, which the tests use to exercise the kernels' portable paths)."""
+    return (*FLAGS, f"-march={os.environ.get('PEER_JAX_NATIVE_MARCH') or 'native'}")
 TARGETS = {
     "gather_dot": "PeerJaxGatherDot",
     "embedding_bag": "PeerJaxEmbeddingBag",
@@ -87,7 +94,7 @@ def library_path() -> Path:
     cxx = _compiler()
     include = jax.ffi.include_dir()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(_flags()).encode(), cxx.encode(), jax.__version__.encode(),
                                      _jaxlib_version().encode(), _cpu_signature().encode()])).hexdigest()[:16]
     path = cache_dir() / f"peer_kernels-{key}.so"
     if path.exists():
@@ -95,7 +102,7 @@ def library_path() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, "-isystem", include, "-o", tmp, str(SOURCE), "-lpthread"]
+    cmd = [cxx, *_flags(), "-isystem", include, "-o", tmp, str(SOURCE), "-lpthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
