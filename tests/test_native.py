@@ -37,7 +37,7 @@ def test_kernels_match_numpy(seed, grouped):
     scatter_outer take their token-centric small-table kernels (this table is 8 KiB)."""
     x, table, idx, w = _case(seed)
     n, d = table.shape
-    assert native._small(n, d)
+    assert native.small_table(n, d)
     dot = np.einsum("md,msd->ms", x.astype(np.float64), table[idx].astype(np.float64))
     bag = np.einsum("ms,msd->md", w.astype(np.float64), table[idx].astype(np.float64))
     scat = np.zeros((n, d))

@@ -192,7 +192,7 @@ def _native_bwd(top_k, res, ct):
     dq, dk = [], []
     for t, i, q in ((tables[0], a, q1), (tables[1], b, q2)):
         # Small tables go token-centric (no row grouping); large per-head ones share one grouping.
-        groups = None if native.SMALL_TABLE_BYTES >= t.size * 4 else native.group_by_row(flat(i), t.shape[0])
+        groups = None if native.small_table(*t.shape) else native.group_by_row(flat(i), t.shape[0])
         dq.append(native.embedding_bag(t, flat(i), flat(ds), groups))
         dk.append(native.scatter_outer(flat(i), flat(ds), flat(q).astype(jnp.float32), t.shape[0], groups))
     dq = jnp.concatenate([x.reshape(q1.shape) for x in dq], axis=-1).astype(queries.dtype)

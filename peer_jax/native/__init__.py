@@ -47,6 +47,8 @@ def _flags() -> tuple[str, ...]:
     """FLAGS plus ``-march``: ``native``, or ``$PEER_JAX_NATIVE_MARCH`` (e.g. ``x86-64`` for a
     baseline build without AVX, which the tests use to exercise the kernels' portable paths)."""
     return (*FLAGS, f"-march={os.environ.get('PEER_JAX_NATIVE_MARCH') or 'native'}")
+
+
 TARGETS = {
     "gather_dot": "PeerJaxGatherDot",
     "embedding_bag": "PeerJaxEmbeddingBag",
@@ -173,7 +175,8 @@ Groups = tuple[jax.Array, jax.Array]
 SMALL_TABLE_BYTES = 1 << 20
 
 
-def _small(rows: int, d: int) -> bool:
+def small_table(rows: int, d: int) -> bool:
+    """Whether a float32 ``[rows, d]`` table takes the token-centric small-table kernels."""
     return rows * d * 4 <= SMALL_TABLE_BYTES
 
 
@@ -198,7 +201,7 @@ def gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array, groups: Groups | 
 
 def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, groups: Groups | None = None) -> jax.Array:
     """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``."""
-    if groups is None and _small(table.shape[0], table.shape[-1]):
+    if groups is None and small_table(table.shape[0], table.shape[-1]):
         return _call("bag_small", (idx.shape[0], table.shape[-1]), table.astype(jnp.float32),
                      idx.astype(jnp.int32), w.astype(jnp.float32))
     groups = group_by_row(idx, table.shape[0]) if groups is None else groups
@@ -209,7 +212,7 @@ def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, groups: Groups
 def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int,
                   groups: Groups | None = None) -> jax.Array:
     """float32 ``[num_rows, d]``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]``."""
-    if groups is None and _small(num_rows, y.shape[-1]):
+    if groups is None and small_table(num_rows, y.shape[-1]):
         return _call("scatter_small", (num_rows, y.shape[-1]), idx.astype(jnp.int32), w.astype(jnp.float32),
                      y.astype(jnp.float32))
     groups = group_by_row(idx, num_rows) if groups is None else groups
