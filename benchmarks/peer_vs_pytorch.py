@@ -7,16 +7,20 @@ The loss is mean(y²); every step computes the gradients of all parameters and o
 peer_jax runs twice per key layout: ``compute="efficient"`` (XLA gathers and scatters) and
 ``compute="native"`` (the C++ kernels of ``peer_jax.native``; ``--skip_native`` leaves them out).
 
-Install the PyTorch side once, in its own venv next to the project's (so torch's pins never touch
-the project's environment; ``.venv-bench/`` must be git-ignored)::
+The PyTorch side lives in its own venv next to the project's (so torch's pins never touch the
+project's environment; ``.venv-bench/`` is git-ignored). If ``--torch_python`` does not exist, the
+benchmark creates that venv and installs the pinned set itself (``--no_install`` turns this off),
+the same as running::
 
   python3 -m venv .venv-bench
-  .venv-bench/bin/pip install torch==2.13.0        # CPU-only wheel: install it FIRST, so that no
-                                                   # plain `torch` requirement pulls a CUDA build
-  .venv-bench/bin/pip install --no-deps peer-pytorch==0.2.2
-  .venv-bench/bin/pip install einops einx          # PEER-pytorch's remaining (small) dependencies
+  .venv-bench/bin/pip install torch==2.13.0+cpu    # the CPU-only build: the local "+cpu" label
+                                                   # cannot resolve to a multi-GB CUDA wheel. Tried
+                                                   # with pip's configured index first, then with
+                                                   # --index-url https://download.pytorch.org/whl/cpu
+  .venv-bench/bin/pip install --no-deps peer-pytorch==0.2.2   # no-deps: it must not pull torch
+  .venv-bench/bin/pip install einops==0.8.2 einx==0.4.3       # its remaining (small) dependencies
 
-(``torch==2.13.0`` must resolve to a CPU-only wheel; check before installing elsewhere.) Then::
+Then::
 
   .venv/bin/python benchmarks/peer_vs_pytorch.py                    # ~10 min on 2 busy cores
   .venv/bin/python benchmarks/peer_vs_pytorch.py --malloc tuned     # same, caching glibc malloc
@@ -80,6 +84,29 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+
+# The PyTorch side, pinned. "+cpu" is the CPU-only build (no CUDA wheel can satisfy it).
+TORCH_PIN = "torch==2.13.0+cpu"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+PEER_PYTORCH_PIN = "peer-pytorch==0.2.2"
+PEER_PYTORCH_DEPS = ("einops==0.8.2", "einx==0.4.3")
+
+
+def install_torch_side(torch_python: str) -> None:
+    """Creates the venv that ``torch_python`` belongs to and installs the pinned PyTorch side."""
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(torch_python)))
+    pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q"]
+
+    def run(cmd):
+        print("...", " ".join(cmd), file=sys.stderr, flush=True)
+        return subprocess.run(cmd).returncode == 0
+
+    if not run([sys.executable, "-m", "venv", venv]):
+        raise SystemExit(f"could not create {venv}")
+    if not (run(pip + [TORCH_PIN]) or run(pip + ["--index-url", TORCH_CPU_INDEX, TORCH_PIN])):
+        raise SystemExit(f"could not install {TORCH_PIN} into {venv} (offline? see --help for the manual steps)")
+    if not (run(pip + ["--no-deps", PEER_PYTORCH_PIN]) and run(pip + list(PEER_PYTORCH_DEPS))):
+        raise SystemExit(f"could not install {PEER_PYTORCH_PIN} and its dependencies into {venv}")
 MALLOC_ENVS = {
     "default": {},
     "tuned": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)},
@@ -321,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--malloc", choices=tuple(MALLOC_ENVS), default="default")
     p.add_argument("--torch_python", default=os.path.join(REPO, ".venv-bench", "bin", "python"))
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--no_install", action="store_true",
+                   help="fail instead of creating --torch_python's venv when it does not exist")
     p.add_argument("--skip_native", action="store_true", help="leave out the compute='native' rows")
     p.add_argument("--only", default=None, help="regex: run only the rows whose name matches (every worker of a "
                    "size is alive at once; with --malloc tuned, which keeps freed memory, 7 workers at d=512 "
@@ -332,7 +361,10 @@ def main(argv=None) -> int:
     if args.worker:
         return worker_main(json.loads(args.worker))
     if not args.skip_torch and not os.path.exists(args.torch_python):
-        p.error(f"--torch_python {args.torch_python} not found: install the PyTorch side (see --help) or --skip_torch")
+        if args.no_install:
+            p.error(f"--torch_python {args.torch_python} not found: install the PyTorch side (see --help) or "
+                    "--skip_torch")
+        install_torch_side(args.torch_python)
     suffix = "" if args.malloc == "default" else f"_{args.malloc}"
     out_path = args.out or os.path.join(HERE, "results", f"peer_vs_pytorch{suffix}.json")
 
@@ -414,9 +446,11 @@ def main(argv=None) -> int:
           "arguments, (+out): outputs (the gradients) — see --help.")
     print("Roofline: " + roofline.format_machine(machine))
     for d_n in dict.fromkeys((r["d_model"], r["num_experts"]) for r in results):
-        best = min((r for r in results if (r["d_model"], r["num_experts"]) == d_n and r["framework"] == "jax"
-                    and r["layer"] == "peer" and "src" not in r["spec"]), key=lambda r: r["step_s_median"])
-        print("  " + roofline.format_report(best["roofline"]) + f" [{best['name']}]")
+        peer_rows = [r for r in results if (r["d_model"], r["num_experts"]) == d_n and r["framework"] == "jax"
+                     and r["layer"] == "peer" and "src" not in r["spec"]]
+        if peer_rows:  # --only may have left none
+            best = min(peer_rows, key=lambda r: r["step_s_median"])
+            print("  " + roofline.format_report(best["roofline"]) + f" [{best['name']}]")
 
     out = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "machine": machine,
            "jax": jax.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
