@@ -1,6 +1,7 @@
 """`python -m peer_jax.eval --gin_file=F --checkpoint_dir=DIR/checkpoints [--tasks=c4,lambada] [--step=N] [--distributed]`.
 
-Restores a checkpoint (latest or `--step`) into the run's shardings and reports token-level
+On a pod every host runs the same command with `--distributed`; each evaluates its block of
+every batch, the hosts agree on the number of steps per task, and process 0 writes. Restores a checkpoint (latest or `--step`) into the run's shardings and reports token-level
 loss and perplexity on each eval task (padding never counts; the last partial batch is padded
 with weight-0 rows), plus expert usage/unevenness for PEER/PKM layers and load spread for MoE.
 Prints a table and writes `eval_step<N>.json` next to the checkpoint.
@@ -12,6 +13,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+
 from etils import epath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,11 +46,13 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
             raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} holds no checkpoint.")
         state, _, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shardings, setup)
+        shard, shards = loop.batch_shard(mesh, rules, cfg, bs)
         results = {}
         for task in tasks:
             batches = pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, vocab, bs, max_batches,
-                                           process_index=jax.process_index(), process_count=jax.process_count())
-            results[task] = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], batches)
+                                           shard_index=shard, num_shards=shards)
+            results[task] = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], batches,
+                                              pipeline.empty_batch(bs // shards, cfg.seq_len), bs)
         mngr.close()
     return {"step": int(state["step"]), "tasks": results}
 
@@ -61,7 +66,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils, runtime
+    from peer_jax import gin_utils, multihost, runtime
 
     def add_arguments(parser):
         parser.add_argument("--checkpoint_dir", required=True, help="the run's checkpoints directory")
@@ -81,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     import gin
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()
+    def fail(e, status: int = 2, grace_s: float = 0.0) -> int:
+        return multihost.finish(gin_utils.fail(e, status), str(e), grace_s=grace_s)
+
+    try:
+        multihost.initialize(args)
+    except multihost.PodError as e:
+        return fail(e)
     from peer_jax.training.checkpoint import CheckpointError
     from peer_jax.training.config import TrainConfig
 
@@ -90,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         gin_utils.parse(args.gin_file, bindings)
         cfg = gin.get_configurable(TrainConfig)()
         tasks = args.tasks.split(",") if args.tasks else list(cfg.eval_tasks)
+        multihost.check_workdir(args.checkpoint_dir)
         result = run_eval(cfg, args.checkpoint_dir, tasks, args.step, args.max_batches, args.batch_size)
-    except (gin_utils.ConfigError, ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
-        return gin_utils.fail(e)
+    except (gin_utils.ConfigError, ValueError, TypeError, FileNotFoundError, CheckpointError,
+            multihost.PodError) as e:
+        return fail(e)
+    except Exception as e:  # noqa: BLE001 - on a pod, often a collective that lost a host
+        traceback.print_exc()
+        return fail(f"{type(e).__name__}: {e}", status=1, grace_s=args.host_timeout_s + 5)
     if jax.process_index() == 0:  # every host evaluates its share; one writes
         print(format_table(result))
         out = epath.Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
-    return 0
+    return multihost.finish(0)
 
 
 if __name__ == "__main__":

@@ -44,17 +44,24 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
     resolved = []
     for f in gin_files:
         cands = [Path(f), REPO_ROOT / f]
-        found = next((c for c in cands if c.exists()), None)
+        found = next((c.resolve() for c in cands if c.exists()), None)
         if found is None:
             raise ConfigError(f"--gin_file={f}: no such file (looked in {os.getcwd()} and {REPO_ROOT}).")
         resolved.append(str(found))
+    # Includes are tried first as given, relative to the working directory; from outside the
+    # checkout with the checkout on PYTHONPATH, gin's package-path reader then crashes on
+    # `configs` (a namespace package, no __file__). Parsing from the repository root avoids it.
+    cwd = os.getcwd()
     try:
+        os.chdir(REPO_ROOT)
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
     except (ValueError, KeyError, ImportError, SyntaxError) as e:
         raise ConfigError(f"gin configuration error: {_first_line(e)}. Check the binding's name against "
                           "the configurable's parameters (see configs/base.gin).") from e
     except OSError as e:
         raise ConfigError(f"gin include not found: {e}") from e
+    finally:
+        os.chdir(cwd)
 
 
 def _first_line(e: BaseException) -> str:
@@ -67,8 +74,9 @@ def common_parser(description: str, distributed: bool = False) -> argparse.Argum
                                 epilog="Gin bindings: --gin.NAME=VALUE (repeatable), applied after the gin files.")
     p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
     if distributed:
-        p.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() first (multi-host TPU pods: run on every host)")
+        from peer_jax import multihost
+
+        multihost.add_arguments(p)
     return p
 
 

@@ -95,16 +95,23 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     if -1 in shape:
         if num_devices % known:
             raise ValueError(
-                f"mesh_shape={shape} cannot use {num_devices} devices: {num_devices} is not "
-                f"divisible by {known}. Change `make_mesh.mesh_shape`."
+                f"mesh_shape={shape} cannot use {num_devices} devices{_pod_devices()}: {num_devices} is not "
+                f"divisible by {known}. Change TrainConfig.mesh_shape."
             )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
         raise ValueError(
             f"mesh_shape={shape} (axes {MESH_AXES}) needs {math.prod(shape)} devices but "
-            f"{num_devices} are available. Change `make_mesh.mesh_shape` (e.g. use -1 for data)."
+            f"{num_devices} are available{_pod_devices()}. Change TrainConfig.mesh_shape (e.g. use -1 for data)."
         )
     return shape
+
+
+def _pod_devices() -> str:
+    """' (N processes × M devices)' on a multi-host run, else ''."""
+    if jax.process_count() == 1:
+        return ""
+    return f" ({jax.process_count()} processes × {jax.local_device_count()} devices)"
 
 
 def make_mesh(

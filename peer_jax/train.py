@@ -2,9 +2,10 @@
 
 Trains (or resumes, if DIR holds checkpoints) the configured model. Writes
 DIR/operative_config.gin, DIR/metrics.jsonl, DIR/compile_report.json, DIR/tensorboard and
-DIR/checkpoints. Exit status: 0 done (or preempted after saving), 2 bad configuration,
-3 non-finite loss. On CPU, glibc's allocator is tuned first (``$PEER_JAX_MALLOC``, default auto;
-see peer_jax/runtime.py).
+DIR/checkpoints. On a pod every host runs the same command with `--distributed`
+(peer_jax/multihost.py). Exit status: 0 done (or preempted after saving), 1 unexpected error,
+2 bad configuration, 3 non-finite loss, 4 lost a host (multi-host). On CPU, glibc's allocator
+is tuned first (``$PEER_JAX_MALLOC``, default auto; see peer_jax/runtime.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import logging
 import os
 import sys
 import time
+import traceback
+
 from etils import epath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils, runtime
+    from peer_jax import gin_utils, multihost, runtime
 
     def add_arguments(parser):
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
@@ -37,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     import gin
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()
+    def fail(e, status: int = 2, grace_s: float = 0.0) -> int:
+        return multihost.finish(gin_utils.fail(e, status), str(e), grace_s=grace_s)
+
+    try:
+        multihost.initialize(args)
+    except multihost.PodError as e:
+        return fail(e)
     logging.getLogger("peer_jax").info("allocator: %s (PEER_JAX_MALLOC, see peer_jax/runtime.py)", malloc)
     from peer_jax.training import loop
     from peer_jax.training.checkpoint import CheckpointError
@@ -49,21 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = gin.get_configurable(TrainConfig)()
         gin.finalize()
     except (gin_utils.ConfigError, ValueError, TypeError) as e:
-        return gin_utils.fail(e)
+        return fail(e)
     workdir = epath.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
+        multihost.check_workdir(str(workdir))
+        workdir.mkdir(parents=True, exist_ok=True)
         result = loop.train(cfg, str(workdir), on_start=lambda: _write_operative_config(workdir))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        return gin_utils.fail(e)
+    except (ValueError, FileNotFoundError, CheckpointError, multihost.PodError) as e:
+        return fail(e)
     except loop.NonFiniteLossError as e:
-        return gin_utils.fail(e, status=3)
+        return fail(e, status=3)
+    except Exception as e:  # noqa: BLE001 - on a pod, often a collective that lost a host
+        traceback.print_exc()
+        return fail(f"{type(e).__name__}: {e}", status=1, grace_s=args.host_timeout_s + 5)
     result["wall_time_s"] = time.time() - t0
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
-    return 0
+    return multihost.finish(0)
 
 
 def _write_operative_config(workdir: epath.Path) -> None:

@@ -59,7 +59,7 @@ def test_array_batches_resume_exactly(kjv_val):
 
 def test_hosts_get_disjoint_slices_of_the_global_batch(kjv_val):
     full = pipeline.ArrayBatches(kjv_val, 8, seed=1).batch_at(7)["targets"]
-    parts = [pipeline.ArrayBatches(kjv_val, 8, seed=1, process_index=i, process_count=2).batch_at(7)["targets"]
+    parts = [pipeline.ArrayBatches(kjv_val, 8, seed=1, shard_index=i, num_shards=2).batch_at(7)["targets"]
              for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(parts), full)
 

@@ -43,7 +43,8 @@ def _evaluate(tiny, batch_size):
     mesh, rules, setup, state, eval_step, arrays = tiny
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"],
-                                 pipeline.eval_batches(arrays, batch_size))
+                                 pipeline.eval_batches(arrays, batch_size), pipeline.empty_batch(batch_size, T),
+                                 batch_size)
 
 
 def test_perplexity_is_exp_of_mean_token_loss_by_hand(tiny):

@@ -83,20 +83,19 @@ _PIPELINE_VERSION = 1  # bump when preprocessing changes, to invalidate cached a
 class ArrayBatches:
     """Shuffled, epoch-cycling batches from in-memory arrays; batch s depends only on (seed, s).
 
-    With several hosts every process computes the same global batch and keeps its own
-    contiguous slice of `global_batch // process_count` rows.
+    With several hosts every process computes the same global batch and keeps its block
+    `shard_index` of `num_shards` contiguous blocks (see `multihost.batch_rows`).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 shard_index: int = 0, num_shards: int = 1):
         self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
         self.num_rows = len(next(iter(arrays.values())))
-        if global_batch % process_count:
-            raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes.")
+        if global_batch % num_shards:
+            raise ValueError(f"batch_size={global_batch} is not divisible by the {num_shards} host shards.")
         if self.num_rows < global_batch:
             raise ValueError(f"the data split has {self.num_rows} rows, fewer than batch_size={global_batch}.")
-        self.local = slice(process_index * global_batch // process_count,
-                           (process_index + 1) * global_batch // process_count)
+        self.local = slice(shard_index * global_batch // num_shards, (shard_index + 1) * global_batch // num_shards)
         self.steps_per_epoch = self.num_rows // global_batch
         self.step = 0
 
@@ -130,13 +129,13 @@ class StreamingBatches:
     """Deterministic seqio/tf.data stream for corpora that do not fit in memory (C4)."""
 
     def __init__(self, task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, global_batch: int, *,
-                 seed: int = 0, process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes.")
+                 seed: int = 0, shard_index: int = 0, num_shards: int = 1):
+        if global_batch % num_shards:
+            raise ValueError(f"batch_size={global_batch} is not divisible by the {num_shards} host shards.")
         self._make = lambda: _seqio_dataset(
             tasks_lib.get_task(task_name, vocab), split, seq_len, shuffle=True, seed=seed, num_epochs=None,
-            shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None,
-        ).batch(global_batch // process_count, drop_remainder=True)
+            shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+        ).batch(global_batch // num_shards, drop_remainder=True)
         self.seed = seed
         self.step = 0
         self._it = None
@@ -177,25 +176,32 @@ STREAMING_EVAL_TASKS = ("c4",)  # too large to hold packed in memory
 
 
 def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, batch_size: int,
-                max_batches: int | None = None, *, process_index: int = 0, process_count: int = 1):
-    """Batches over an eval split in a fixed order, each host reading its own shard.
+                max_batches: int | None = None, *, shard_index: int = 0, num_shards: int = 1):
+    """This host's blocks of global eval batches of `batch_size` rows, in a fixed order.
 
-    Small sets are packed once and cached (`packed_arrays`); C4 is streamed. Either way the
-    last batch is padded with all-padding rows, which carry weight 0.
+    Small sets are packed once and cached (`packed_arrays`): every host slices the same
+    global batches. C4 is streamed, each host reading its own shard of the files, so hosts
+    may run out at different batches (`training.evaluate` makes them agree). Either way the
+    last batch is padded with all-padding rows, which carry weight 0. `max_batches` counts
+    global batches.
     """
-    local = batch_size // process_count
+    local = batch_size // num_shards
     if task_name not in STREAMING_EVAL_TASKS:
-        # Global batches, each host keeping its slice: every host runs the same number of steps.
-        part = slice(process_index * local, (process_index + 1) * local)
+        part = slice(shard_index * local, (shard_index + 1) * local)
         for batch in eval_batches(packed_arrays(task_name, split, seq_len, vocab), batch_size, max_batches):
             yield {k: v[part] for k, v in batch.items()}
         return
     ds = _seqio_dataset(tasks_lib.get_task(task_name, vocab), split, seq_len,
-                        shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None)
+                        shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
     for b, rows in enumerate(ds.batch(local).as_numpy_iterator()):
         if max_batches is not None and b >= max_batches:
             return
         yield from eval_batches(_to_batch(rows), local)
+
+
+def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """An all-padding batch (weight 0 everywhere): what a host that has run out contributes."""
+    return {k: np.zeros((rows, seq_len), np.float32 if k == "weights" else np.int32) for k in _RENAME.values()}
 
 
 def unigram_entropy(arrays: dict[str, np.ndarray], vocab_size: int) -> float:

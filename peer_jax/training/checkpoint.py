@@ -2,6 +2,10 @@
 
 Saves are atomic (orbax writes into a temporary directory and renames it on commit), so a
 run killed mid-save leaves the previous checkpoint intact and the partial one is never read.
+They are asynchronous by default: `save` returns once orbax has copied the arrays to host
+memory (so the next step may donate and overwrite the device buffers), and the write to disk
+or GCS runs in a background thread while training goes on; the next save, and the end of the
+run, wait for it.
 Restores go into the abstract train state with its shardings, so every array comes back
 already placed on the mesh. A checkpoint that cannot be read into this run's state raises
 `CheckpointError` naming the path and what differs — never a silent fresh start.
@@ -19,12 +23,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def manager(directory: str, keep: int = 3, save_interval_steps: int = 1) -> ocp.CheckpointManager:
+def manager(directory: str, keep: int = 3, save_interval_steps: int = 1,
+            asynchronous: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=save_interval_steps,
         create=True,
-        enable_async_checkpointing=False,  # the loop's next step donates the state buffers
+        enable_async_checkpointing=asynchronous,
     )
     path = directory if "://" in directory else os.path.abspath(directory)
     return ocp.CheckpointManager(path, options=options, item_names=("state", "data", "meta"))

@@ -45,6 +45,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # default: batch_size
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    async_checkpointing: bool = True  # write checkpoints in a background thread while training goes on
     # Parallelism.
     mesh_shape: Sequence[int] = (-1, 1, 1)  # (data, expert, model); -1 = the remaining devices
     sharding_rules: str = "default"

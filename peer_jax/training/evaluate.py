@@ -7,20 +7,37 @@ import math
 import jax
 import numpy as np
 
+from peer_jax import multihost
 from peer_jax.layers import expert_stats
 from peer_jax.training import step as step_lib
 
 
-def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches) -> dict[str, float]:
+def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches, empty_batch: dict,
+             global_rows: int) -> dict[str, float]:
     """Sums loss and token counts over batches (padding has weight 0), then ppl = exp(Σloss/Σtokens).
+
+    `batches` yields this process's block of each global batch of `global_rows` rows. With
+    several processes the hosts agree before every step on whether any of them still has a
+    batch; one that has run out contributes `empty_batch` (all padding), so every host runs
+    the same number of steps even when the host shards of a streamed set differ in size.
 
     For PEER/PKM layers also reports usage and unevenness of the router-score mass summed
     over the whole split (the paper's Table 2), and for MoE the per-expert load spread.
     """
     totals = None
-    for batch in batches:
-        out = eval_step(params, model_state, step_lib.host_batch(batch, setup))
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if jax.process_count() > 1:
+            if not multihost.any_host(batch is not None):
+                break
+            batch = empty_batch if batch is None else batch
+        elif batch is None:
+            break
+        out = eval_step(params, model_state, step_lib.host_batch(batch, setup, global_rows))
         totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    if totals is None:
+        raise ValueError("the eval split produced no batches.")
     totals = jax.device_get(totals)
     tokens = float(totals.pop("tokens"))
     loss = float(totals.pop("loss_sum")) / max(tokens, 1.0)

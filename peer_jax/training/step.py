@@ -270,9 +270,15 @@ def jit_eval_step(eval_fn, state_shardings, setup: ModelSetup):
     return jax.jit(eval_fn, in_shardings=(state_shardings["params"], state_shardings["model_state"], batch_shardings))
 
 
-def host_batch(batch: dict[str, np.ndarray], setup: ModelSetup) -> dict[str, jax.Array]:
-    """Places a host-local batch on the mesh (one process: a plain sharded device_put)."""
+def host_batch(batch: dict[str, np.ndarray], setup: ModelSetup, global_rows: int | None = None) -> dict[str, jax.Array]:
+    """Places this process's block of a batch on the mesh (one process: a plain sharded device_put).
+
+    With several processes `batch` holds this process's rows (see `multihost.batch_rows`) and
+    `global_rows` is the global batch size.
+    """
     data = batch_sharding(setup.mesh, setup.rules)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, data) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(data, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(data, v, (global_rows or v.shape[0] * jax.process_count(),
+                                                                *v.shape[1:]))
+            for k, v in batch.items()}
