@@ -34,7 +34,9 @@ Per-FFW formulas (forward, per token, d = d_model):
           + h·k² (candidate sums) + 2·h·k·d (u_iᵀx) + 2·h·k·d (Σ g·σ·v_i)
   PKM     2·d·h·d_key (query) + h·2·√N·d_key + h·k² + 2·h·k·d (embedding bag of values)
 
-`FlopCount.terms` has the counted forward FLOPs per token by named term; `forward`, `train`
+Each FFW layer reports its own terms (`flop_count`, see `layers/cost.py`; PEER and PKM add
+their value computation to their router's `flop_terms`). `FlopCount.terms` has the counted
+forward FLOPs per token by named term; `forward`, `train`
 sum them. Against XLA's `cost_analysis()['flops']` of the compiled forward and of
 value_and_grad (tests/test_flops.py, d_model = 256) the counted FLOPs plus `overhead` agree
 to within 0.5-1.5 % (forward) and 0.5-2 % (train); XLA's excess is systematic: it also counts
@@ -48,14 +50,14 @@ flops_per_device_step_xla.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
-from peer_jax.layers.dense import DenseFFW
+from peer_jax.layers.cost import CountsFlops, FFWCount
+from peer_jax.layers.moe import MoE
 from peer_jax.models.transformer import Transformer
 
 TRAIN_MULTIPLIER = 3.0
@@ -81,28 +83,12 @@ class FlopCount:
         return self.forward + float(sum(self.overhead.values()))
 
 
-@dataclasses.dataclass(frozen=True)
-class FFWCount:
-    """One FFW module: counted FLOPs, overhead FLOPs and active parameters, per token."""
-
-    terms: dict[str, float]
-    overhead: dict[str, float]
-    active_params: float
-
-
 def abstract_transformer(vocab_size: int, factory: Callable = Transformer, **kwargs) -> Transformer:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and attributes, no memory."""
     return nnx.eval_shape(lambda: factory(vocab_size, rngs=nnx.Rngs(0), **kwargs))
 
 
 # ----------------------------------------------------------------------------- FFW types
-
-
-def dense_ffw(m: DenseFFW, *, seq_len: int, batch_size: int | None) -> FFWCount:
-    del seq_len, batch_size
-    n_in = 2 if m.activation == "swiglu" else 1
-    flops = {"ffw_in": 2.0 * m.d_model * m.mlp_dim * n_in, "ffw_out": 2.0 * m.mlp_dim * m.d_model}
-    return FFWCount(flops, {}, (n_in + 1) * m.d_model * m.mlp_dim)
 
 
 def _moe_group_tokens(m, seq_len: int, batch_size: int | None) -> int:
@@ -129,59 +115,15 @@ def moe_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
     return FFWCount(terms, overhead, d * e + per_token * (n_in + 1) * d * f)
 
 
-def _product_key_terms(d_model: int, heads: int, d_key: int, n_sub: int, top_k: int) -> dict[str, float]:
-    """Query projection, sub-key scoring (two halves of d_key/2 against n_sub rows), k² sums."""
-    return {
-        "query": 2.0 * d_model * heads * d_key,
-        "key_scores": heads * 2 * (2.0 * n_sub * (d_key // 2)),
-        "candidate_sums": float(heads * top_k * top_k),
-    }
-
-
-def _retrieval_params(m) -> int:
-    """Query kernel, query BatchNorm (scale, bias) and sub-keys of a PEER/PKM layer."""
-    key_params = (m.heads if m.per_head_keys else 1) * 2 * m.n_sub * (m.d_key // 2)
-    bn_params = 2 * m.heads * m.d_key if m.query_bn is not None else 0
-    return m.d_model * m.heads * m.d_key + bn_params + key_params
-
-
-def peer_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
-    """PEER: retrieval + h·k single-neuron experts (σ, softmax, BN not counted)."""
-    del seq_len, batch_size
-    d, h, k = m.d_model, m.heads, m.top_k
-    terms = _product_key_terms(d, h, m.d_key, m.n_sub, k)
-    terms["expert_in"] = 2.0 * h * k * d  # u_iᵀx
-    terms["expert_out"] = 2.0 * h * k * d  # Σ g·σ(u_iᵀx)·v_i
-    return FFWCount(terms, {}, _retrieval_params(m) + 2 * h * k * d)
-
-
-def pkm_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
-    """PKM: retrieval + an embedding bag of h·k value rows (softmax, BN not counted).
-
-    The memories are read linearly (no u_iᵀx, no activation) and have the model width, so
-    the layer has no output projection."""
-    del seq_len, batch_size
-    h, k = m.heads, m.top_k
-    d_value = m.values.shape[-1]
-    terms = _product_key_terms(m.d_model, h, m.d_key, m.n_sub, k)
-    terms["memory_bag"] = 2.0 * h * k * d_value  # Σ g·m_i
-    return FFWCount(terms, {}, _retrieval_params(m) + h * k * d_value)
-
-
-FFW_COUNTERS: dict[str, Callable[..., FFWCount]] = {
-    "DenseFFW": dense_ffw,
-    "MoE": moe_ffw,
-    "PEER": peer_ffw,
-    "PKM": pkm_ffw,
-}
-
-
 def ffw_count(module: nnx.Module, *, seq_len: int, batch_size: int | None = None) -> FFWCount:
-    # By exact class name, not isinstance: PKM subclasses PEER but computes something else.
-    name = type(module).__name__
-    if name not in FFW_COUNTERS:
-        raise ValueError(f"flops: no FLOP formula for FFW type {name}; known: {sorted(FFW_COUNTERS)}.")
-    return FFW_COUNTERS[name](module, seq_len=seq_len, batch_size=batch_size)
+    """The layer's own count (``flop_count``, the protocol of ``layers/cost.py``): a layer says
+    what it computes; nothing here looks at class names."""
+    if isinstance(module, CountsFlops):
+        return module.flop_count(seq_len=seq_len, batch_size=batch_size)
+    if isinstance(module, MoE):  # until MoE has its own flop_count (layers/moe.py is edited elsewhere)
+        return moe_ffw(module, seq_len=seq_len, batch_size=batch_size)
+    raise ValueError(f"flops: the FFW {type(module).__name__} has no FLOP formula: give it a "
+                     "`flop_count(*, seq_len, batch_size) -> FFWCount` method (peer_jax/layers/cost.py).")
 
 
 # ----------------------------------------------------------------------------- the model

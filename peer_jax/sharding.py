@@ -183,3 +183,52 @@ def mesh_axis_size(name: str) -> int:
     if mesh.empty or name not in mesh.axis_names:
         return 1
     return mesh.shape[name]
+
+
+def mesh_axes(logical: str, mesh=None, rules: LogicalRules | None = None) -> tuple[str, ...]:
+    """Mesh axes the rules assign to one logical name, restricted to the axes ``mesh`` has.
+
+    ``mesh`` defaults to the (abstract) mesh in context and ``rules`` to the rules in context,
+    or ``RULES_DEFAULT`` when none are set. Empty outside a mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return ()
+    entry = logical_to_spec((logical,), rules or current_rules() or RULES_DEFAULT)[0]
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def batch_shards(mesh=None, rules: LogicalRules | None = None) -> int:
+    """How many ways ``mesh`` and ``rules`` split the batch: the product of the sizes of the
+    mesh axes mapped to logical ``batch`` (1 outside a mesh). Defaults as in ``mesh_axes``."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return math.prod(mesh.shape[a] for a in mesh_axes("batch", mesh, rules))
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:  # jax ≥ 0.9 spelling
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
+    """Marks ``x`` as varying over ``axes`` inside shard_map (its transpose is a psum)."""
+    have = varying_axes(x)
+    missing = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """Casts ``x`` to vary over every manual mesh axis any of ``refs`` varies over.
+
+    Outside ``jax.shard_map`` all vma sets are empty and this is the identity. Inside, fresh
+    constants (loop-carry zeros) are invariant while loop bodies produce varying values, and
+    ``lax.scan`` requires carry types to match.
+    """
+    want = frozenset().union(*(varying_axes(r) for r in refs))
+    missing = tuple(sorted(want - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x

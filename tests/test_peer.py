@@ -92,12 +92,13 @@ def np_peer(model: PEER, x, *, act):
     """The paper's formula in float64 with brute-force top-k over all N keys (eval mode)."""
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(model)))
     x = np.asarray(x, np.float64)
-    q = x @ p["query"]["kernel"]
-    if model.query_bn is not None:
-        bn = p["query_bn"]
-        q = (q - bn["mean"]) / np.sqrt(bn["var"] + model.query_bn.epsilon) * bn["scale"] + bn["bias"]
-    q = q.reshape(*x.shape[:-1], model.heads, model.d_key)
-    sk = p["sub_keys"]
+    r = p["router"]
+    q = x @ r["query"]
+    if model.router.query_bn is not None:
+        bn = r["query_bn"]
+        q = (q - bn["mean"]) / np.sqrt(bn["var"] + model.router.query_bn.epsilon) * bn["scale"] + bn["bias"]
+    q = q.reshape(*x.shape[:-1], model.heads, model.router.d_key)
+    sk = r["sub_keys"]
     n, half = sk.shape[-2:]
     left = np.broadcast_to(sk[..., 0, :, None, :], (*sk.shape[:-3], n, n, half))
     right = np.broadcast_to(sk[..., 1, None, :, :], (*sk.shape[:-3], n, n, half))
@@ -105,7 +106,7 @@ def np_peer(model: PEER, x, *, act):
     scores = np.einsum("...hc,hnc->...hn" if keys.ndim == 3 else "...hc,nc->...hn", q, keys)
     idx = np.argsort(-scores, axis=-1)[..., : model.top_k]
     s = np.take_along_axis(scores, idx, -1)
-    if model.score_fn == "softmax":
+    if model.router.score_fn == "softmax":
         g = np.exp(s - s.max(-1, keepdims=True))
         g /= g.sum(-1, keepdims=True)
     else:
@@ -128,9 +129,10 @@ def np_peer(model: PEER, x, *, act):
 )
 def test_matches_reference_formula(kw, act):
     model = make(compute="efficient", **kw)
-    if model.query_bn is not None:  # non-trivial running statistics
-        model.query_bn.mean[...] = jnp.linspace(-0.3, 0.3, H * DK)
-        model.query_bn.var[...] = jnp.linspace(0.5, 2.0, H * DK)
+    bn = model.router.query_bn
+    if bn is not None:  # non-trivial running statistics
+        bn.mean[...] = jnp.linspace(-0.3, 0.3, H * DK)
+        bn.var[...] = jnp.linspace(0.5, 2.0, H * DK)
     y, _, mass, stats = run(model, X, MASK, train=False)
     ref, idx, g = np_peer(model, X, act=act)
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
@@ -139,9 +141,9 @@ def test_matches_reference_formula(kw, act):
     ref_mass = np.zeros(N)
     np.add.at(ref_mass, idx.reshape(-1), w.reshape(-1))
     np.testing.assert_allclose(mass, ref_mass, rtol=RTOL, atol=ATOL)
-    if model.score_fn == "softmax":
+    if model.router.score_fn == "softmax":
         np.testing.assert_allclose(mass.sum(), H * int(MASK.sum()), rtol=RTOL)
-    if model.query_bn is not None:  # eval leaves running statistics untouched
+    if bn is not None:  # eval leaves running statistics untouched
         assert_trees_close(stats, nnx.state(model, nnx.BatchStat), rtol=0, atol=0)
 
 
@@ -155,7 +157,8 @@ def test_optimised_paths_match_naive(naive_and_efficient, compute):
     """Outputs, grads wrt x, u, v, query kernel, sub-keys and BN params, mass, batch stats."""
     naive, eff = naive_and_efficient["naive"], naive_and_efficient[compute]
     grads = eff[1][0]
-    assert {"u", "v", "sub_keys", "query", "query_bn"} <= set(grads.keys())
+    assert {"u", "v", "router"} <= set(grads.keys())
+    assert {"sub_keys", "query", "query_bn"} <= set(grads["router"].keys())
     assert float(jnp.abs(grads["u"][...]).max()) > 0 and float(jnp.abs(grads["v"][...]).max()) > 0
     assert_trees_close(eff, naive)
 
@@ -204,27 +207,33 @@ def test_chunked_routing_matches_unchunked(naive_and_efficient):
 
 @pytest.mark.parametrize("transposed_grad", [False, True])
 def test_project_vjp_matches_autodiff(transposed_grad):
-    """The query projection's custom VJP == autodiff of the plain einsum (nnx.Linear's math),
-    in both forms of the kernel gradient."""
-    from peer_jax.layers.peer import _project
+    """The CPU backend's query projection (custom VJP) == the portable one (autodiff of the plain
+    einsum) == x @ w, in both forms of the kernel gradient."""
+    from peer_jax.backends import cpu, portable
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
     ct = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
-    got, want = jax.jit(lambda: (
-        (_project(x, w, transposed_grad),
-         jax.grad(lambda x, w: jnp.sum(_project(x, w, transposed_grad) * ct), argnums=(0, 1))(x, w)),
+
+    def value_and_grads(project):
+        return (project(x, w, transposed_grad=transposed_grad),
+                jax.grad(lambda x, w: jnp.sum(project(x, w, transposed_grad=transposed_grad) * ct),
+                         argnums=(0, 1))(x, w))
+
+    got, want, plain = jax.jit(lambda: (
+        value_and_grads(cpu.project), value_and_grads(portable.project),
         (x @ w, jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)),
     ))()
     assert_trees_close(got, want)
+    assert_trees_close(want, plain)
 
 
 def test_k1_is_dynamic_mlp():
     """With top_k = 1 (softmax weight 1), PEER is an MLP whose h hidden units are the
     retrieved experts: y = Σ_h σ(u_{i_h}ᵀx) v_{i_h}."""
     model = make(top_k=1, compute="efficient")
-    y, idx = jax.jit(lambda m, x: (m(x), m.route(x)[1]))(model, X)
+    y, idx = jax.jit(lambda m, x: (m(x), m.router(x)[1]))(model, X)
     assert not nnx.state(model, nnx.Intermediate)  # no sow outside nnx.capture
     idx = np.asarray(idx)[..., 0]  # [B, T, h]
     u, v = np.asarray(model.u[...]), np.asarray(model.v[...])
@@ -237,7 +246,7 @@ def test_k1_is_dynamic_mlp():
 
 
 def _np_masked_stats(model: PEER, x, mask):
-    q = np.asarray(x, np.float64) @ np.asarray(model.query.kernel[...], np.float64)
+    q = np.asarray(x, np.float64) @ np.asarray(model.router.query[...], np.float64)
     valid = q[np.asarray(mask)]
     return valid.mean(0), valid.var(0)
 
@@ -247,11 +256,11 @@ def test_batchnorm_uses_only_valid_tokens(naive_and_efficient):
     tokens' contents change neither the outputs of valid tokens nor (with a masked loss) any
     gradient."""
     model = make(compute="efficient")
-    mom = model.query_bn.momentum
+    mom = model.router.query_bn.momentum
     mean, var = _np_masked_stats(model, X, MASK)
     stats = naive_and_efficient["efficient"][3]
-    np.testing.assert_allclose(stats["query_bn"]["mean"][...], (1 - mom) * mean, rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(stats["query_bn"]["var"][...], mom + (1 - mom) * var, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats["router"]["query_bn"]["mean"][...], (1 - mom) * mean, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(stats["router"]["query_bn"]["var"][...], mom + (1 - mom) * var, rtol=1e-6, atol=1e-8)
 
     garbage = jnp.asarray(np.random.default_rng(5).standard_normal(X.shape) * 100, jnp.float32)
     x2 = jnp.where(MASK[..., None], X, garbage)
@@ -287,7 +296,7 @@ def test_real_init_and_dtypes():
     params = nnx.state(model, nnx.Param)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     np.testing.assert_allclose(np.std(model.u[...]), 1 / math.sqrt(D), rtol=0.1)
-    np.testing.assert_allclose(np.std(model.sub_keys[...]), 1 / math.sqrt(DK // 2), rtol=0.2)
+    np.testing.assert_allclose(np.std(model.router.sub_keys[...]), 1 / math.sqrt(DK // 2), rtol=0.2)
     y32, y16 = jax.jit(lambda m, a, b: (m(a), m(b)))(model, X, X.astype(jnp.bfloat16))
     assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(y32)).all() and np.isfinite(np.asarray(y16, np.float32)).all()

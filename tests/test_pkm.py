@@ -37,8 +37,8 @@ def loss_and_grads(model, x):
 def test_pkm_equals_brute_force_memory_read():
     model = make(query_batchnorm=False)
     y = np.asarray(model(X), np.float64)
-    q = np.asarray(model.query(X), np.float64).reshape(B, T, H, DK)
-    scores = np.asarray(brute_force_scores(jnp.asarray(q), model.sub_keys[...]), np.float64)  # [B,T,H,N]
+    q = np.asarray(X @ model.router.query[...], np.float64).reshape(B, T, H, DK)
+    scores = np.asarray(brute_force_scores(jnp.asarray(q), model.router.sub_keys[...]), np.float64)  # [B,T,H,N]
     values = np.asarray(model.values[...], np.float64)
     want = np.zeros((B, T, D))
     for b in range(B):

@@ -7,19 +7,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peer_jax import sharding
+from peer_jax.layers import activations
+from peer_jax.layers.cost import FFWCount
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = activations.names()
 
 
 # Truncated-normal fan-in init (std 1/sqrt(fan_in)); the contracted axis is always -2.
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
 
 
+def default_mlp_dim(d_model: int, activation: str) -> int:
+    """4·d_model, or for gated units the FLOP-matched 8/3·d_model rounded up to a multiple of 8
+    (the default hidden width of every dense MLP: DenseFFW, and each MoE expert)."""
+    if activations.is_gated(activation):
+        return 8 * ((8 * d_model // 3 + 7) // 8)
+    return 4 * d_model
+
+
 class DenseFFW(nnx.Module):
     """d_model → mlp_dim → d_model without biases.
 
     `activation="swiglu"` uses a gated unit (two input projections). `mlp_dim=None` means
-    4·d_model for GELU/ReLU and the FLOP-matched 8/3·d_model (rounded to 8) for SwiGLU.
+    `default_mlp_dim(d_model, activation)`.
     """
 
     def __init__(
@@ -35,11 +45,11 @@ class DenseFFW(nnx.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"DenseFFW.activation={activation!r}: choose one of {ACTIVATIONS}.")
         if mlp_dim is None:
-            mlp_dim = 4 * d_model if activation != "swiglu" else 8 * ((8 * d_model // 3 + 7) // 8)
+            mlp_dim = default_mlp_dim(d_model, activation)
         if mlp_dim <= 0:
             raise ValueError(f"DenseFFW.mlp_dim={mlp_dim} must be positive.")
         self.d_model, self.mlp_dim, self.activation, self.dtype = d_model, mlp_dim, activation, dtype
-        n_in = 2 if activation == "swiglu" else 1
+        n_in = activations.input_projections(activation)
         self.wi = nnx.Param(
             fan_in_init(rngs.params(), (n_in, d_model, mlp_dim), param_dtype), out_sharding=(None, "embed", "mlp")
         )
@@ -49,11 +59,13 @@ class DenseFFW(nnx.Module):
         del mask, train  # a dense FFW is position-wise and has no batch statistics
         x = x.astype(self.dtype)
         h = jnp.einsum("btd,ndm->nbtm", x, self.wi[...].astype(self.dtype))
-        if self.activation == "swiglu":
-            h = jax.nn.silu(h[0]) * h[1]
-        elif self.activation == "gelu":
-            h = jax.nn.gelu(h[0])
-        else:
-            h = jax.nn.relu(h[0])
+        h = activations.mlp(self.activation, h)
         h = sharding.constrain(h, ("batch", "length", "mlp"))
         return jnp.einsum("btm,md->btd", h, self.wo[...].astype(self.dtype))
+
+    def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
+        """``2·d·m·n_in`` in, ``2·m·d`` out; every parameter is active."""
+        del seq_len, batch_size
+        n_in = activations.input_projections(self.activation)
+        flops = {"ffw_in": 2.0 * self.d_model * self.mlp_dim * n_in, "ffw_out": 2.0 * self.mlp_dim * self.d_model}
+        return FFWCount(flops, {}, (n_in + 1) * self.d_model * self.mlp_dim)

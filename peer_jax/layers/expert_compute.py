@@ -21,16 +21,18 @@ supported (the backward loops are not themselves differentiable by design).
 
 The ``*_naive`` functions are the plain-autodiff references that tests compare against.
 
-``native=True`` (``compute="native"`` in PEER/PKM) runs the three loops as the C++ kernels of
-``peer_jax.native`` instead (CPU, float32; expert-centric: the table is walked row by row and
-every (token, slot) pair routed to a row is handled there), under the same custom VJPs.
+``native=True`` (``compute="native"`` in PEER/PKM) runs the three loops as the C++ kernels of the
+CPU backend (``peer_jax/backends/cpu.py`` over ``peer_jax.native``; CPU, float32;
+expert-centric: the table is walked row by row and every (token, slot) pair routed to a row is
+handled there), under the same custom VJPs. The zero accumulator of the scatter loop comes from
+``backends.current()`` (a CSE-proof zero on CPU, ``jnp.zeros`` elsewhere).
 
 Dtypes: rows are gathered from the table in its (parameter) dtype and cast to the compute
 ``dtype`` per block, never the whole table — casting a 1M×1024 table to bf16 on every call
 would cost as much memory as the table. Dot products and bag sums accumulate in float32.
 
 All functions also work inside ``jax.shard_map``: loop carries are created with the
-varying-manual-axes type of their inputs (``_like_vma``), so the scan type-checks.
+varying-manual-axes type of their inputs (``sharding.vary_like``), so the scan type-checks.
 """
 
 from __future__ import annotations
@@ -41,33 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peer_jax import native as native_kernels
+from peer_jax import backends
+from peer_jax.backends import cpu as cpu_backend
+from peer_jax.layers import activations
+from peer_jax.sharding import vary_like
 
 DTypeLike = jnp.dtype | type | str
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def varying_axes(x: jax.Array) -> frozenset:
-    """Manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:  # jax ≥ 0.9 spelling
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _like_vma(x: jax.Array, *refs: jax.Array) -> jax.Array:
-    """Casts ``x`` to vary over every manual mesh axis any of ``refs`` varies over.
-
-    Outside ``jax.shard_map`` all vma sets are empty and this is the identity. Inside, fresh
-    constants (loop-carry zeros) are invariant while loop bodies produce varying values, and
-    ``lax.scan`` requires carry types to match.
-    """
-    want = frozenset().union(*(varying_axes(r) for r in refs))
-    missing = tuple(sorted(want - varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def slot_block(num_slots: int, block: int) -> int:
@@ -123,7 +107,7 @@ def _bag_loop(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int)
             "mb,mbd->md", w_b.astype(dtype), rows, preferred_element_type=jnp.float32
         ), None
 
-    init = _like_vma(jnp.zeros((m, d), jnp.float32), table, idx, w)
+    init = vary_like(jnp.zeros((m, d), jnp.float32), table, idx, w)
     acc, _ = jax.lax.scan(body, init, (_blocked(idx, block), _blocked(w, block)))
     return acc
 
@@ -140,50 +124,36 @@ def _scatter_loop(
         acc = acc.at[idx_b].add(upd, mode="promise_in_bounds", wrap_negative_indices=False)
         return acc, None
 
-    init = _like_vma(_distinct_zeros((num_rows, y.shape[-1]), out_dtype, w), idx, w, y)
+    init = vary_like(backends.current().scatter_zeros((num_rows, y.shape[-1]), out_dtype, w), idx, w, y)
     acc, _ = jax.lax.scan(body, init, (_blocked(idx, block), _blocked(w, block)))
     return acc
 
 
-def _distinct_zeros(shape, dtype, tag: jax.Array) -> jax.Array:
-    """Zeros that the compiler cannot merge with another same-shaped zeros.
-
-    Two table gradients (u and v) both start from ``zeros([N, d])``; XLA's CSE merges the two
-    constants into one buffer, and each in-place scatter loop then needs its own copy: one
-    extra ``[N, d]`` temp (512 MiB at N = 512², d = 512, measured). Deriving the zero from a
-    distinct array (``isnan(tag[0]) * 0`` is exactly 0 for every value, and XLA does not fold
-    float multiplications by zero) keeps the two broadcasts apart, so each is written straight
-    into its loop's buffer. (An ``optimization_barrier`` does not help: CPU/GPU XLA strips it
-    before CSE; ``abs(t) < 0`` is folded to false.)
-    """
-    zero = jnp.isnan(tag.reshape(-1)[0]).astype(dtype) * 0  # exactly 0 for any tag value
-    return jnp.broadcast_to(zero, shape)
-
-
-# With native=True, `groups` is native_kernels.group_by_row(idx, N): computed once in each custom
-# VJP's forward and reused by its backward kernels (None: the kernel call computes it).
+# native=True (compute="native") runs the loops as the CPU backend's C++ kernels. `groups` is then
+# the backend's group_by_row(idx, N): computed once in each custom VJP's forward and reused by its
+# backward kernels (None: the kernel call computes it).
 
 
 def _dot(x, table, idx, dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.gather_dot(x, table, idx, groups), x, table, idx)
+        return cpu_backend.gather_dot(x, table, idx, groups)
     return _dot_loop(x, table, idx, dtype, block)
 
 
 def _bag(table, idx, w, dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.embedding_bag(table, idx, w, groups), table, idx, w)
+        return cpu_backend.embedding_bag(table, idx, w, groups)
     return _bag_loop(table, idx, w, dtype, block)
 
 
 def _scatter(idx, w, y, num_rows, out_dtype, block, native, groups=None):
     if native:
-        return _like_vma(native_kernels.scatter_outer(idx, w, y, num_rows, groups), idx, w, y).astype(out_dtype)
+        return cpu_backend.scatter_outer(idx, w, y, num_rows, out_dtype, groups)
     return _scatter_loop(idx, w, y, num_rows, out_dtype, block)
 
 
 def _groups(idx, num_rows, native):
-    return native_kernels.group_by_row(idx, num_rows) if native else None
+    return cpu_backend.group_by_row(idx, num_rows) if native else None
 
 
 # ----------------------------------------------------------------------------- custom_vjp ops
@@ -196,8 +166,8 @@ def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32
 
     ``x: [M, d]``, ``table: [N, d]``, ``idx: [M, S]`` int32. ``dtype`` is the compute dtype of
     the products (accumulation is float32); ``block`` slots are gathered per loop step (it must
-    divide S; see ``slot_block``). ``native``: run the three loops as the C++ kernels of
-    ``peer_jax.native`` (CPU, float32) instead of XLA gathers and scatters.
+    divide S; see ``slot_block``). ``native``: run the three loops as the CPU backend's C++
+    kernels (float32) instead of XLA gathers and scatters.
     """
     return _dot(x, table, idx, dtype, block, native)
 
@@ -257,12 +227,6 @@ def embedding_bag_naive(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jn
 
 # ----------------------------------------------------------------------------- PEER experts
 
-ACTIVATIONS = {
-    # jax.nn.gelu's default tanh approximation; the paper does not say which GELU it used.
-    "gelu": jax.nn.gelu,
-    "relu": jax.nn.relu,
-}
-
 COMPUTE_MODES = ("naive", "efficient", "native")
 
 
@@ -271,10 +235,7 @@ def check_compute(owner: str, compute: str, dtype, param_dtype) -> None:
     if compute not in COMPUTE_MODES:
         raise ValueError(f"{owner} compute={compute!r} is unknown; use one of {list(COMPUTE_MODES)}.")
     if compute == "native":
-        if np.dtype(dtype) != np.float32 or np.dtype(param_dtype) != np.float32:
-            raise ValueError(f"{owner} compute='native' supports float32 only (dtype={np.dtype(dtype)}, "
-                             f"param_dtype={np.dtype(param_dtype)}); use compute='efficient' for bfloat16.")
-        native_kernels.ensure_available()
+        cpu_backend.check_native(owner, dtype, param_dtype)
 
 
 def expert_pre_activations(x, u, idx, *, compute: str, dtype, block: int = 8) -> jax.Array:
@@ -309,5 +270,5 @@ def peer_experts(
     the single-device form; the sharded layer splits it around the pre-activation all-reduce.
     """
     a = expert_pre_activations(x, u, idx, compute=compute, dtype=dtype, block=block)
-    coef = scores.astype(jnp.float32) * ACTIVATIONS[activation](a)
+    coef = scores.astype(jnp.float32) * activations.elementwise(activation)(a)
     return expert_outputs(v, idx, coef, compute=compute, dtype=dtype, block=block)

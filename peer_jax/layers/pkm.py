@@ -1,66 +1,136 @@
 """PKM: Product Key Memory (Lample et al. 2019), the paper's other fine-grained baseline.
 
 ``f(x) = Σ_h Σ_{i ∈ topk_h(x)} g_{h,i}(x) · m_i``: a value table ``m: [N, d]`` read as a
-weighted embedding bag, addressed by the same product keys, multi-head queries and query
-BatchNorm as PEER. Paper setting: N = 1024², h = 8, k = 32, query BN.
+weighted embedding bag, addressed by a ``ProductKeyRouter`` (multi-head queries, query
+BatchNorm, product keys) like PEER's. Paper setting: N = 1024², h = 8, k = 32, query BN.
 
-Everything but the expert compute is PEER's (this class extends it): routing, validation,
-statistics (``expert_mass`` sown per call, so usage/unevenness are defined as for PEER), the
-memory-efficient custom-VJP `embedding_bag` (no ``[tokens, h·k, d]`` gather is kept for the
-backward pass), and the sharding choice — the value table is split along d_model over the
-``model`` axis. The sharded lookup needs no collective at all: each device gathers its d-slice
-of every retrieved row and writes its d-slice of the output; only the router-weight gradient
-is summed over the slices (the transpose of the ``pcast`` to varying).
+The read-out is the memory-efficient custom-VJP ``embedding_bag`` of ``expert_compute`` (no
+``[tokens, h·k, d]`` gather is kept for the backward pass); ``expert_mass`` is sown per call as
+in PEER, so usage/unevenness are defined the same way. Sharding: the value table is split along
+d_model (``layers/expert_tables.py``), and the sharded lookup needs no collective at all: each
+device gathers its d-slice of every retrieved row and writes its d-slice of the output; only
+the router-weight gradient is summed over the slices (the transpose of the ``pcast`` to
+varying).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peer_jax import sharding as shd
 from peer_jax.layers import expert_compute as ec
-from peer_jax.layers.peer import PEER, _vary
+from peer_jax.layers import expert_tables as tables
+from peer_jax.layers import intermediates
+from peer_jax.layers.cost import FFWCount
+from peer_jax.layers.product_key_router import ProductKeyRouter, check_config
 
 
-class PKM(PEER):
+class PKM(nnx.Module):
     """A drop-in FFW: ``__call__(x [B,T,d], *, mask, train) -> [B,T,d]``.
 
-    Arguments are PEER's (``activation`` is unused: memories are read linearly), with PKM's
-    defaults: ``num_experts`` (memories) = 1024², ``heads`` = 8, ``top_k`` = 32, ``d_key`` = 128.
-    Values are initialised N(0, 1/d) (Lample et al.: N(0, d^-0.5)).
+    Arguments mean what PEER's do (PKM has no ``activation``: memories are read linearly), with
+    PKM's defaults: ``num_experts`` (memories) = 1024², ``heads`` = 8, ``top_k`` = 32,
+    ``d_key`` = 128. Values are initialised N(0, 1/d) (Lample et al.: N(0, d^-0.5)).
     """
 
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_experts: int = 1024**2, heads: int = 8, top_k: int = 32,
-                 **kwargs):
-        kwargs.setdefault("table_init", jax.nn.initializers.normal(stddev=1.0 / math.sqrt(d_model)))
-        super().__init__(d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, **kwargs)
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        num_experts: int = 1024**2,
+        heads: int = 8,
+        top_k: int = 32,
+        d_key: int = 128,
+        query_batchnorm: bool = True,
+        score_fn: str = "softmax",
+        per_head_keys: bool = False,
+        compute: str = "efficient",
+        sharded_lookup: bool = True,
+        slot_block: int = 1,
+        approx_topk: bool = False,
+        route_chunk_tokens: int | None = 512,
+        bn_momentum: float = 0.99,
+        bn_epsilon: float = 1e-5,
+        table_init=None,
+        key_init=None,
+    ):
+        check_config("PKM", num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
+                     route_chunk_tokens=route_chunk_tokens)
+        ec.check_compute("PKM", compute, dtype, param_dtype)
+        if slot_block < 1:
+            raise ValueError(f"PKM slot_block={slot_block} must be ≥ 1.")
 
-    def _init_tables(self, rngs: nnx.Rngs, init) -> None:
-        shape, names = (self.num_experts, self.d_model), ("experts", "expert_embed")
-        self.values = nnx.Param(init(rngs.params(), shape, self.param_dtype), out_sharding=names)
+        self.d_model, self.num_experts = d_model, num_experts
+        self.compute, self.sharded_lookup = compute, sharded_lookup
+        self.slot_block = ec.slot_block(heads * top_k, slot_block)
+        self.dtype, self.param_dtype = dtype, param_dtype
 
-    def _experts_local(self, x, idx, g) -> jax.Array:
-        b, t, d = x.shape
+        # Keys drawn in the order values, router (sub-keys, query, BN), as always.
+        init = table_init or tables.default_table_init(d_model)
+        self.values = tables.table(rngs.params(), init, num_experts, d_model, param_dtype)
+        self.router = ProductKeyRouter(
+            d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key,
+            query_batchnorm=query_batchnorm, score_fn=score_fn, per_head_keys=per_head_keys,
+            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, native=compute == "native",
+            bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, key_init=key_init, dtype=dtype,
+            param_dtype=param_dtype, owner="PKM",
+        )
+
+    @property
+    def heads(self) -> int:
+        return self.router.heads
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def _read_local(self, idx, g) -> jax.Array:
+        b, t = idx.shape[:2]
         s = self.heads * self.top_k
         out = ec.expert_outputs(self.values[...], idx.reshape(b * t, s), g.reshape(b * t, s).astype(jnp.float32),
                                 compute=self.compute, dtype=self.dtype, block=self.slot_block)
-        return out.reshape(b, t, d)
+        return out.reshape(b, t, -1)
 
-    def _experts_sharded(self, x, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
-        b, t, _ = x.shape
+    def _read_sharded(self, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
+        b, t = idx.shape[:2]
         s = self.heads * self.top_k
-        x_spec, route_spec, table_spec, all_axes = self._lookup_specs(b, t, model_axes, rules)
+        x_spec, route_spec, table_spec, all_axes = tables.lookup_specs(b, t, model_axes, rules)
         compute, dtype, block = self.compute, self.dtype, self.slot_block
 
         def local(values, idx, g):
             lb, lt, _ = idx.shape
             idxm, gm = idx.reshape(lb * lt, s), g.reshape(lb * lt, s).astype(jnp.float32)
-            out = ec.expert_outputs(_vary(values, all_axes), _vary(idxm, all_axes), _vary(gm, all_axes),
+            out = ec.expert_outputs(shd.vary(values, all_axes), shd.vary(idxm, all_axes), shd.vary(gm, all_axes),
                                     compute=compute, dtype=dtype, block=block)
             return out.reshape(lb, lt, values.shape[-1])
 
         fn = jax.shard_map(local, in_specs=(table_spec, route_spec, route_spec), out_specs=x_spec)
         return fn(self.values[...], idx.reshape(b, t, s), g.reshape(b, t, s))
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """``[B, T, d_model] -> [B, T, d_model]`` in ``x.dtype`` (``mask`` as in PEER)."""
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"PKM expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
+        g, idx = self.router(x, mask=mask, train=train)
+        intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
+        sharded = tables.lookup_axes("PKM", self.d_model, self.sharded_lookup)
+        if sharded is None:
+            out = self._read_local(idx, g)
+        else:
+            out = self._read_sharded(idx, g, *sharded)
+        return shd.constrain(out.astype(x.dtype), ("batch", "length", "embed"))
+
+    def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
+        """Retrieval + an embedding bag of h·k value rows (softmax, BN not counted). The memories
+        are read linearly (no u_iᵀx, no activation) and have the model width, so the layer has
+        no output projection."""
+        del seq_len, batch_size
+        hk, d_value = self.heads * self.top_k, self.values.shape[-1]
+        terms = self.router.flop_terms()
+        terms["memory_bag"] = 2.0 * hk * d_value  # Σ g·m_i
+        return FFWCount(terms, {}, self.router.num_params() + hk * d_value)

@@ -14,7 +14,6 @@ a discrete top-k, where bf16 rounding would create spurious ties.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -54,7 +53,7 @@ def _check_shapes(queries: jax.Array, sub_keys: jax.Array, top_k: int) -> tuple[
     return n, per_head
 
 
-def _half_scores(q_half: jax.Array, keys_half: jax.Array, per_head: bool) -> jax.Array:
+def half_scores(q_half: jax.Array, keys_half: jax.Array, per_head: bool) -> jax.Array:
     """``[..., heads, n]`` float32 scores of one query half against one sub-key table."""
     spec = "...hc,hnc->...hn" if per_head else "...hc,nc->...hn"
     return jnp.einsum(spec, q_half, keys_half, preferred_element_type=jnp.float32)
@@ -91,16 +90,13 @@ def product_key_topk(
       chunk_tokens: if set and ``queries`` has ≥ 3 dims, process about this many queries
         (positions along axis -3 times the leading dims) per ``lax.map`` step. Same results; the
         ``[tokens, heads, n]`` score arrays and their gradients then exist one chunk at a time
-        (cache-resident instead of ``4·heads·n`` floats per token of fresh memory: 25-30 % less
-        CPU time for this function's forward+backward at n = 256, h = 8, 2048 tokens in chunks
-        of 128-512, measured). Axis -3 (sequence length) is never sharded, so the chunking
+        (cache-resident instead of ``4·heads·n`` floats per token of fresh memory, which made
+        the search faster on CPU). Axis -3 (sequence length) is never sharded, so the chunking
         composes with batch sharding; ``chunk_tokens`` counts global tokens (PEER scales it by
         the number of batch shards).
-      native: select with the C++ kernel of ``peer_jax.native`` (the two half top-k's, the
-        candidates and the final top-k in one multithreaded pass; same results, ties included)
-        and differentiate sparsely: the scores' cotangent reaches the queries and sub-keys only
-        through the 2·top_k selected sub-key rows per query (an embedding bag and a scatter),
-        instead of through dense ``[tokens, heads, n]`` score gradients. CPU, float32 queries.
+      native: select with the C++ kernel of the CPU backend (``backends.cpu.product_key_topk``:
+        one multithreaded pass, same results, ties included, and a sparse backward pass). CPU,
+        float32 queries.
 
     Returns:
       ``(scores, indices)``, each ``[..., heads, top_k]``: float32 scores sorted descending and
@@ -113,7 +109,9 @@ def product_key_topk(
         if c < t:
             return _chunked(queries, sub_keys, top_k, c, approx, recall_target, native)
     if native:
-        return _product_key_topk_native(queries, sub_keys, top_k)
+        from peer_jax.backends import cpu  # the CPU backend imports this module's helpers
+
+        return cpu.product_key_topk(queries, sub_keys, top_k)
     return _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target)
 
 
@@ -130,17 +128,17 @@ def _chunked(queries, sub_keys, top_k, c, approx, recall_target, native=False):
 
 
 def _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target):
-    q1, q2, k1, k2, _ = _halves(queries, sub_keys)
+    q1, q2, k1, k2, _ = split_halves(queries, sub_keys)
     k1 = k1.astype(queries.dtype)
     k2 = k2.astype(queries.dtype)
 
-    s1, i1 = _top_k(_half_scores(q1, k1, per_head), top_k, approx, recall_target)
-    s2, i2 = _top_k(_half_scores(q2, k2, per_head), top_k, approx, recall_target)
+    s1, i1 = _top_k(half_scores(q1, k1, per_head), top_k, approx, recall_target)
+    s2, i2 = _top_k(half_scores(q2, k2, per_head), top_k, approx, recall_target)
     # Candidate sums s1[i] + s2[j] over the pairs that can reach the top-k (see candidate_pairs).
     ci, cj = candidate_pairs(top_k)
     # All k² sums, then the candidate columns by one static gather. (Slicing s1, s2 per row of
     # the triangle instead would stop XLA:CPU from recognising sort+slice as its TopK kernel:
-    # the two half top-k's become full sorts, ~50× slower.)
+    # the two half top-k's become full sorts, far slower.)
     full = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:-1], top_k * top_k)
     cand = full[..., ci * top_k + cj]
     scores, j = jax.lax.top_k(cand, top_k)
@@ -149,61 +147,12 @@ def _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_targ
     return scores, (a * n + b).astype(jnp.int32)
 
 
-def _halves(queries, sub_keys):
+def split_halves(queries, sub_keys):
+    """``(q₁, q₂, C, C', per_head)``: the query halves and the two sub-key tables."""
     half = queries.shape[-1] // 2
     per_head = sub_keys.ndim == 4
     k1, k2 = (sub_keys[:, 0], sub_keys[:, 1]) if per_head else (sub_keys[0], sub_keys[1])
     return queries[..., :half], queries[..., half:], k1, k2, per_head
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _product_key_topk_native(queries, sub_keys, top_k):
-    return _native_fwd(queries, sub_keys, top_k)[0]
-
-
-def _native_fwd(queries, sub_keys, top_k):
-    from peer_jax import native
-
-    q1, q2, k1, k2, per_head = _halves(queries, sub_keys)
-    n = k1.shape[-2]
-    s1 = _half_scores(q1, k1.astype(queries.dtype), per_head)
-    s2 = _half_scores(q2, k2.astype(queries.dtype), per_head)
-    lead = s1.shape[:-1]
-    scores, items = native.product_key_select(s1.reshape(-1, n), s2.reshape(-1, n), top_k)
-    out = scores.reshape(*lead, top_k), items.reshape(*lead, top_k)
-    return out, (queries, sub_keys, out[1])
-
-
-def _native_bwd(top_k, res, ct):
-    """score[.., j] = q₁·C[a_j] + q₂·C'[b_j]: only the selected sub-key rows get gradients."""
-    from peer_jax import native
-
-    queries, sub_keys, items = res
-    ds = ct[0].astype(jnp.float32)
-    q1, q2, k1, k2, per_head = _halves(queries, sub_keys)
-    n, half, heads = k1.shape[-2], k1.shape[-1], queries.shape[-2]
-    rows = ds.size // top_k
-    a, b = items // n, items % n
-    if per_head:  # per-head tables stacked into one [heads·n, half] table; rows offset by head
-        offset = (jnp.arange(heads, dtype=jnp.int32) * n)[:, None]
-        a, b = a + offset, b + offset
-    tables = [t.reshape(-1, half).astype(jnp.float32) for t in (k1, k2)]
-    flat = lambda x: x.reshape(rows, -1)  # noqa: E731
-    dq, dk = [], []
-    for t, i, q in ((tables[0], a, q1), (tables[1], b, q2)):
-        # Small tables go token-centric (no row grouping); large per-head ones share one grouping.
-        groups = None if native.small_table(*t.shape) else native.group_by_row(flat(i), t.shape[0])
-        dq.append(native.embedding_bag(t, flat(i), flat(ds), groups))
-        dk.append(native.scatter_outer(flat(i), flat(ds), flat(q).astype(jnp.float32), t.shape[0], groups))
-    dq = jnp.concatenate([x.reshape(q1.shape) for x in dq], axis=-1).astype(queries.dtype)
-    if per_head:
-        dkeys = jnp.stack([x.reshape(heads, n, half) for x in dk], axis=1)
-    else:
-        dkeys = jnp.stack(dk, axis=0)
-    return dq, dkeys.astype(sub_keys.dtype)
-
-
-_product_key_topk_native.defvjp(_native_fwd, _native_bwd)
 
 
 def candidate_pairs(top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@
 // row read or written once and streamed, handling every pair routed to that row there. The
 // token-side rows (x, y, the bag outputs: M·d floats) are what is accessed at random, and they
 // are small enough to stay in cache. (Gathering T[idx] per token instead reads each row once
-// per pair, at random: measured 1.3-1.5x slower per kernel here.) For tables that themselves fit
+// per pair, at random: slower per kernel, see docs/peer_speed.md.) For tables that themselves fit
 // in cache (the product-key sub-keys), bag_small and scatter_small do the last two
 // token-centrically, without the grouping.
 //
@@ -132,8 +132,8 @@ inline float Sum8(F8 v) {
 }
 
 // <a, b> with four independent vector accumulators: a single accumulator chains every multiply-add
-// through the FMA latency; gather_dot measured 1.2x slower that way at d = 256.
-// (Software-prefetching the next pairs' token rows was measured no faster in any kernel.)
+// through the FMA latency, which made gather_dot slower. (Software-prefetching the next pairs'
+// token rows made no kernel faster. Timings: docs/peer_speed.md.)
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
   F8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
@@ -362,9 +362,8 @@ ffi::Error ScatterSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi
 // plus as many of indices: each insertion is a compare, a one-lane shift and two blends per
 // vector, with no data-dependent branch
 // (an earlier candidate stays ahead of an equal later one, which gives lax.top_k's tie order).
-// Measured on random scores (n = 256, k = 16): 0.36 us per row (0.49 with a scalar collect)
-// against 1.34 us for the previous scalar insertion (whose ~35 shifting insertions per row
-// mispredicted), and 0.87 us for that insertion run over the collected candidates only. Larger
+// This is faster than the previous scalar insertion, whose ~35 shifting insertions per row
+// mispredicted, also when that runs over the collected candidates only (docs/peer_speed.md). Larger
 // k than 32, or a row whose bound is not above -inf (or is NaN), take the scalar insertion.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define PEER_JAX_SHUFFLE 1
@@ -412,8 +411,8 @@ inline void InsertTopV(const float* cand, const int32_t* cpos, int64_t c, int64_
 
 // Copies the elements >= bound (and their positions) to the front of cand / cpos, in order;
 // returns their count. With AVX2, eight at a time: a compare, a movemask and a permutation from
-// a 256-entry table compress them in one store. (A whole top-16 of 256 measured 0.36 us this
-// way against 0.49 us with a branch-free scalar append.) May write up to 8 elements past the
+// a 256-entry table compress them in one store (faster than a branch-free scalar append; see
+// docs/peer_speed.md). May write up to 8 elements past the
 // count.
 #ifdef __AVX2__
 struct CompressTable {
