@@ -19,11 +19,14 @@ Convention (used for every budget, step count and plot of the isoFLOP study)
 * MoE: the experts' MLP FLOPs times the **experts processed per token**. Expert choice
   processes E·C slots per routing group of S tokens, i.e. E·C/S = capacity_factor per token
   on average (more when the capacity's floor of 1 binds, see `MoE.capacity`); token choice
-  counts its top_k experts per token. Router: 2·d·E.
+  (buffered or dropless) counts its top_k experts per token. Router: 2·d·E.
 * Not counted but reported in `FlopCount.overhead` (work done by *this* implementation that is
   not model arithmetic): the one-hot dispatch/combine einsums of the MoE reference path
   (2·E·C·d each per token) and, for token choice, the unfilled capacity slots
-  (E·C/S − top_k per token) that the buffered expert MLP computes anyway.
+  (E·C/S − top_k per token) that the buffered expert MLP computes anyway. Dropless routing
+  has no dispatch einsums (its sort, gathers and unsort move data, they do no arithmetic);
+  where `jax.lax.ragged_dot` runs as a dense masked dot over all E groups (CPU, see
+  `moe_dropless.ragged_dot_is_dense`) the other E − 1 experts per routed pair are overhead.
 * Rematerialisation (`Transformer.remat`) recomputes the forward pass in the backward; that
   is hardware work, not model FLOPs, and is not counted.
 
@@ -58,6 +61,7 @@ from flax import nnx
 
 from peer_jax.layers.cost import CountsFlops, FFWCount
 from peer_jax.layers.moe import MoE
+from peer_jax.layers.moe_dropless import ragged_dot_is_dense
 from peer_jax.models.transformer import Transformer
 
 TRAIN_MULTIPLIER = 3.0
@@ -104,6 +108,10 @@ def moe_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
     d, e, f = m.d_model, m.num_experts, m.mlp_dim
     n_in = 2 if m.activation == "swiglu" else 1
     expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
+    if m.routing == "dropless":  # exactly top_k experts per token, no capacity
+        terms = {"moe_router": 2.0 * d * e, "moe_experts": m.top_k * expert_flops}
+        overhead = {"moe_ragged_dot_dense": (e - 1) * m.top_k * expert_flops} if ragged_dot_is_dense() else {}
+        return FFWCount(terms, overhead, d * e + m.top_k * (n_in + 1) * d * f)
     s = _moe_group_tokens(m, seq_len, batch_size)
     c = m.capacity(s)
     slots = e * c / s  # expert-MLP evaluations per token in the buffered computation

@@ -1,4 +1,5 @@
-"""All four FFW types are one gin binding apart, and each trains on the embedded corpus."""
+"""All FFW types (dense, MoE expert choice and dropless, PKM, PEER) are one gin binding apart,
+and each trains on the embedded corpus."""
 
 import json
 
@@ -19,7 +20,9 @@ SMALL = ["transformer.Transformer.num_layers = 2", "transformer.Transformer.d_mo
          "optim.make_optimizer.warmup_steps = 2", "optim.make_optimizer.peak_lr = 1e-2"]
 
 
-@pytest.mark.parametrize("run", ["tiny_cpu", "tiny_cpu_moe", "tiny_cpu_pkm", "tiny_cpu_peer"])
+@pytest.mark.parametrize(
+    "run", ["tiny_cpu", "tiny_cpu_moe", "tiny_cpu_moe_dropless", "tiny_cpu_pkm", "tiny_cpu_peer"]
+)
 def test_each_ffw_type_trains_with_falling_loss(run, tmp_path):
     gin_utils.parse([f"configs/runs/{run}.gin"], SMALL)
     try:  # the model factory reads its gin bindings when called, inside train()
@@ -32,5 +35,5 @@ def test_each_ffw_type_trains_with_falling_loss(run, tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.8, losses
     usage = [k for k in rows[-2] if k.endswith("/usage")]
     assert bool(usage) == (run in ("tiny_cpu_pkm", "tiny_cpu_peer"))  # product-key layers report usage
-    if run == "tiny_cpu_moe":
+    if run in ("tiny_cpu_moe", "tiny_cpu_moe_dropless"):
         assert "blocks/1/ffw/dropped_fraction" in rows[-2] and rows[-2]["aux_loss"] > 0

@@ -50,6 +50,7 @@ CASES = {
     "moe_expert_choice": lambda: dict(sparse_ffw=_moe(num_experts=4)),
     "moe_token_choice": lambda: dict(sparse_ffw=_moe(num_experts=4, routing="token_choice", top_k=2,
                                                      capacity_factor=1.25)),
+    "moe_dropless": lambda: dict(sparse_ffw=_moe(num_experts=4, routing="dropless", top_k=2)),
     "peer": lambda: dict(sparse_ffw=_peer()),
     "pkm": lambda: dict(sparse_ffw=_pkm()),
 }
@@ -113,6 +114,19 @@ def test_moe_needs_batch_for_position_groups():
     # 8 experts, groups of 4 sequences: capacity floor 1 → 8 slots per 4 tokens = 2 experts/token
     assert flops.count(model, 16, 4).terms["moe_experts"] == 2 * (2 * 32 * 128 * 2)
     assert flops.count(model, 16, 16).terms["moe_experts"] == 2 * 32 * 128 * 2  # C = 2: one per token
+
+
+def test_moe_dropless_formula_and_active_params():
+    d, e, k = 32, 8, 2
+    model = flops.abstract_transformer(V, num_layers=1, d_model=d, num_heads=2,
+                                       sparse_ffw=_moe(num_experts=e, routing="dropless", top_k=k))
+    c = flops.count(model, seq_len=16)  # per-token routing: no batch_size needed
+    expert = 2 * d * 4 * d * 2  # one dense-MLP-sized expert (GELU): in and out projections
+    assert c.terms["moe_router"] == 2 * d * e
+    assert c.terms["moe_experts"] == k * expert  # exactly top_k experts per token, whatever T or B
+    assert flops.count(model, seq_len=64, batch_size=3).terms["moe_experts"] == k * expert
+    p = flops.param_counts(model)
+    assert p["non_embedding"] - p["active_non_embedding"] == (e - k) * 2 * d * 4 * d
 
 
 def test_unknown_ffw_is_a_clear_error():

@@ -1,7 +1,16 @@
 """Coarse-grained Mixture-of-Experts FFW: the MoE baseline of He (2024).
 
 The paper's baseline is 128 experts, each the size of the dense MLP, with **expert-choice**
-routing (Zhou et al. 2022). Token-choice top-k (Switch/GShard) is kept for comparison.
+routing (Zhou et al. 2022). Two token-choice top-k variants are kept for comparison, chosen by
+``routing``:
+
+* ``"token_choice"``: Switch/GShard, buffered: each expert has C slots per routing group and
+  drops the tokens that overflow them (the einsum formulation below).
+* ``"dropless"``: MaxText's default: no capacity, no groups, nothing dropped; pairs sorted by
+  expert and grouped matmuls (`jax.lax.ragged_dot`). ``capacity_factor``, ``grouping`` and
+  ``group_size`` do not apply (the latter two must stay None). Implementation, its
+  expert-parallel shard_map and the choice of collectives: `peer_jax/layers/moe_dropless.py`.
+  The rest of this docstring describes the two buffered routings.
 
 Routing groups and causality
 ----------------------------
@@ -58,9 +67,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from peer_jax.layers import intermediates
+from peer_jax.layers import moe_dropless as dropless
 from peer_jax.sharding import constrain, mesh_axis_size
 
-ROUTINGS = ("expert_choice", "token_choice")
+ROUTINGS = ("expert_choice", "token_choice", "dropless")
 GROUPINGS = ("position", "sequence")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
@@ -201,8 +211,8 @@ def moe_groups(xg, probs, valid, route: Callable, experts: Callable):
 class MoE(nnx.Module):
     """Mixture of `num_experts` dense MLPs (d_model -> mlp_dim -> d_model) behind a router.
 
-    Sows (nnx.Intermediate): 'aux_loss' (weighted: load balancing, token choice only, plus
-    router z-loss), 'expert_load' (float32 [E], tokens processed per expert in the call),
+    Sows (nnx.Intermediate): 'aux_loss' (weighted: load balancing, token choice and dropless
+    only, plus router z-loss), 'expert_load' (float32 [E], tokens processed per expert in the call),
     'dropped_fraction' (share of valid tokens processed by no expert). `train` does not
     change the computation: routing and capacity are the same in training and evaluation.
     """
@@ -233,8 +243,9 @@ class MoE(nnx.Module):
 
         mlp_dim: per expert; None = DenseFFW's default (4 * d_model, 8/3 * d_model for SwiGLU),
             so each expert is exactly the dense FFW it replaces.
-        top_k, renormalize_top_k, aux_loss_weight: token choice only (expert choice is balanced
-            by construction and needs no load-balancing loss).
+        top_k, renormalize_top_k, aux_loss_weight: token choice and dropless only (expert choice
+            is balanced by construction and needs no load-balancing loss).
+        capacity_factor, grouping, group_size: the buffered routings only (not dropless).
         grouping: None = 'position' for expert choice (causal), 'sequence' for token choice.
         group_size: sequences per group ('position') or positions per group ('sequence');
             None = the whole batch / sequence. Must divide it.
@@ -243,16 +254,23 @@ class MoE(nnx.Module):
         """
         if mlp_dim is None:  # the dense FFW's own default (DenseFFW): each expert is that MLP
             mlp_dim = 4 * d_model if activation != "swiglu" else 8 * ((8 * d_model // 3 + 7) // 8)
-        grouping = grouping or ("position" if routing == "expert_choice" else "sequence")
+        dropless_ = routing == "dropless"
+        _check(
+            not dropless_ or (grouping is None and group_size is None),
+            f"MoE: routing='dropless' routes each token on its own; grouping={grouping!r} and "
+            f"group_size={group_size!r} must be None.",
+        )
+        if not dropless_:
+            grouping = grouping or ("position" if routing == "expert_choice" else "sequence")
         _check(d_model >= 1, f"MoE: d_model={d_model} must be >= 1.")
         _check(num_experts >= 1, f"MoE: num_experts={num_experts} must be >= 1 (the paper uses 128).")
         _check(mlp_dim >= 1, f"MoE: mlp_dim={mlp_dim} must be >= 1 (default 4 * d_model).")
         _check(activation in ACTIVATIONS, f"MoE: activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
         _check(routing in ROUTINGS, f"MoE: routing={routing!r} is unknown; use one of {ROUTINGS}.")
-        _check(grouping in GROUPINGS, f"MoE: grouping={grouping!r} is unknown; use one of {GROUPINGS}.")
+        _check(dropless_ or grouping in GROUPINGS, f"MoE: grouping={grouping!r} is unknown; use one of {GROUPINGS}.")
         _check(
-            routing != "token_choice" or 1 <= top_k <= num_experts,
-            f"MoE: top_k={top_k} must be in [1, num_experts={num_experts}] for token choice.",
+            routing == "expert_choice" or 1 <= top_k <= num_experts,
+            f"MoE: top_k={top_k} must be in [1, num_experts={num_experts}] for {routing}.",
         )
         _check(capacity_factor > 0, f"MoE: capacity_factor={capacity_factor} must be > 0 (e.g. 1.0 or 1.25).")
         _check(
@@ -265,7 +283,7 @@ class MoE(nnx.Module):
         )
         self.d_model, self.num_experts, self.mlp_dim = d_model, num_experts, mlp_dim
         self.activation, self.routing, self.grouping, self.group_size = activation, routing, grouping, group_size
-        self.top_k = top_k if routing == "token_choice" else 1
+        self.top_k = top_k if routing != "expert_choice" else 1
         self.capacity_factor, self.renormalize_top_k = capacity_factor, renormalize_top_k
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.expert_parallel, self.dtype = expert_parallel, dtype
@@ -309,15 +327,18 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         if d != self.d_model:
             raise ValueError(f"MoE: input feature size {d} != d_model={self.d_model}.")
-        gs = self.resolved_group_size(b, t)  # shape checks first, before any compute
-        layout = self._ep_layout(b, t)
+        if self.routing == "dropless":  # shape checks first, before any compute
+            gs, layout = None, (dropless.ep_layout(self.num_experts, self.mlp_dim, b, t)
+                                if self.expert_parallel else None)
+        else:
+            gs, layout = self.resolved_group_size(b, t), self._ep_layout(b, t)
         valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
         # The router runs in float32: top-k decisions on bf16 logits flip on rounding noise.
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)
 
         aux = self.z_loss_weight * router_z_loss(logits, valid)
-        if self.routing == "token_choice":
+        if self.routing != "expert_choice":
             aux = aux + self.aux_loss_weight * load_balancing_loss(probs, valid, self.top_k)
 
         weights = {"w_in": self.w_in[...], "w_out": self.w_out[...]}
@@ -325,11 +346,14 @@ class MoE(nnx.Module):
             weights["w_gate"] = self.w_gate[...]
         weights = {k: v.astype(self.dtype) for k, v in weights.items()}
         xc = x.astype(self.dtype)
-        route = self._route_fn(self.capacity(gs))
 
-        if layout is not None:
+        if self.routing == "dropless":
+            y, load, dropped, n_valid = self._dropless(xc, probs, valid, weights, layout)
+        elif layout is not None:
+            route = self._route_fn(self.capacity(gs))
             y, load, dropped, n_valid = self._expert_parallel(xc, probs, valid, weights, gs, route, *layout)
         else:
+            route = self._route_fn(self.capacity(gs))
             y, load, dropped, n_valid = moe_groups(
                 to_groups(xc, self.grouping, gs),
                 to_groups(probs, self.grouping, gs),
@@ -343,6 +367,22 @@ class MoE(nnx.Module):
         intermediates.sow(self, "expert_load", load.astype(jnp.float32))
         intermediates.sow(self, "dropped_fraction", dropped / jnp.maximum(n_valid, 1.0))
         return y.astype(x.dtype)
+
+    def _dropless(self, x, probs, valid, weights, layout):
+        """Dropless top-k (`moe_dropless`): local, or the expert-parallel shard_map."""
+        b, t, d = x.shape
+        renorm = self.renormalize_top_k and self.top_k > 1
+        experts, gates = dropless.top_k_routing(probs, valid, self.top_k, renorm)
+        if layout is not None:
+            y, load = dropless.dropless_expert_parallel(x, experts, gates, valid, weights, self.activation, layout)
+        else:
+            k = self.top_k
+            y, load = dropless.dropless_local(
+                x.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), valid.reshape(b * t),
+                weights, self.activation,
+            )
+            y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+        return y, load, jnp.zeros((), jnp.float32), jnp.sum(valid).astype(jnp.float32)
 
     def _ep_layout(self, b: int, t: int) -> tuple[tuple[str, ...], str | None] | None:
         """(batch mesh axes, model axis) for the expert-parallel path, or None for the
