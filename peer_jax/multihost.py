@@ -122,12 +122,15 @@ class _Pod:
         print(f"error: lost a host: {why}. This is {self.describe(self.me)}; exiting with status "
               f"{EXIT_HOST_LOST}. The last complete checkpoint is intact: restart every host to resume.",
               file=sys.stderr, flush=True)
+        if self.me == 0:  # the coordinator: give the others a moment to exit on their own terms
+            time.sleep(3.0)
         os._exit(EXIT_HOST_LOST)
 
     def announce_failure(self, message: str) -> None:
         """Tells the other hosts (through their watchdogs) that this one is exiting with an error."""
         try:
-            self.client.key_value_set(f"{_KV}/failed/{self.me}", message.splitlines()[0][:500], allow_overwrite=True)
+            why = message.strip().splitlines()[0][:500].rstrip(".") if message.strip() else "failed"
+            self.client.key_value_set(f"{_KV}/failed/{self.me}", why, allow_overwrite=True)
         except Exception:  # noqa: BLE001 - best effort: the watchdogs also notice the silence
             pass
 

@@ -259,8 +259,9 @@ def print_commands(points: list[dict], root: str, gin_args: list[str], launcher:
         log(f"# {p['name']}: {steps} steps, {flops_note}")
         log(launcher.replace("{cmd}", shlex.quote(cmd)) if launcher else cmd)
         if eval_tasks:  # Table 1's further eval sets, on the final checkpoint (read by fit_isoflop.py)
-            ev = shlex.join(["python", "-m", "peer_jax.eval", f"--gin_file={gin}",
+            ev = shlex.join(["python", "-m", "peer_jax.eval", "--distributed", f"--gin_file={gin}",
                              f"--checkpoint_dir={workdir}/checkpoints", f"--tasks={eval_tasks}", *gin_args])
+            ev = f"WANDB_MODE=${{WANDB_MODE:-disabled}} {ev}"
             log(launcher.replace("{cmd}", shlex.quote(ev)) if launcher else ev)
 
 

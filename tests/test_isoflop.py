@@ -319,6 +319,10 @@ def test_print_commands_for_a_pod(fake_grid, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("gcloud")]
     assert len(lines) == 1 and "dense_b" in lines[0] and "--distributed" in lines[0]  # dense_a is finished
     assert "-m peer_jax.train" in lines[0] and "WANDB_MODE" in lines[0]
+    # The post-hoc eval runs on every host too.
+    assert sweep.main([str(fake_grid), "--root", str(root), "--print_commands", "--eval_tasks", "c4,pile"]) == 0
+    evals = [line for line in capsys.readouterr().out.splitlines() if "-m peer_jax.eval" in line]
+    assert len(evals) == 1 and "--distributed" in evals[0] and "--tasks=c4,pile" in evals[0]
     # A step override changes what counts as finished and what the comment line states.
     assert sweep.main([str(fake_grid), "--root", str(root), "--print_commands",
                        "--gin.config.TrainConfig.num_steps=9"]) == 0

@@ -5,10 +5,9 @@ Two back ends share one interface (`next(it)`, `it.get_state()`, `it.set_state(s
 * `ArrayBatches` — the task split is run through seqio once (tokenize, chunk, pack), held as
   numpy arrays (and cached on disk), and batch *s* is a pure function of (seed, s): epoch e
   uses the permutation `default_rng([seed, e])`. The state is just the step, so resume is
-  exact and O(1). Used for the embedded corpus and every eval set.
-* `StreamingBatches` — a seqio tf.data pipeline, shuffled with a fixed seed and sharded per
-  host (`seqio.ShardInfo`), for corpora too large for memory (C4). The state is the number of
-  batches consumed; restoring replays the deterministic pipeline with `skip`.
+  exact and O(1). Used for the embedded corpus and every small eval set.
+* `streaming.GrainBatches` — corpora too large for memory (C4), read with Grain from a TFDS
+  ArrayRecord copy; the state is a position, so resume time does not grow with the step.
 
 Batches are dicts of int32/float32 arrays [batch, length]: `inputs`, `targets`, `weights`
 (1 for real target tokens, 0 for padding), `segment_ids`, `positions`.
@@ -23,6 +22,7 @@ import numpy as np
 import seqio
 
 from peer_jax.data import eval_tasks as _eval_tasks  # noqa: F401  (registers the file-based eval sets)
+from peer_jax.data import streaming
 from peer_jax.data import tasks as tasks_lib
 from peer_jax.data.vocab import cache_dir, vocab_id
 
@@ -125,39 +125,6 @@ class ArrayBatches:
         self.step = int(state["step"])
 
 
-class StreamingBatches:
-    """Deterministic seqio/tf.data stream for corpora that do not fit in memory (C4)."""
-
-    def __init__(self, task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, global_batch: int, *,
-                 seed: int = 0, shard_index: int = 0, num_shards: int = 1):
-        if global_batch % num_shards:
-            raise ValueError(f"batch_size={global_batch} is not divisible by the {num_shards} host shards.")
-        self._make = lambda: _seqio_dataset(
-            tasks_lib.get_task(task_name, vocab), split, seq_len, shuffle=True, seed=seed, num_epochs=None,
-            shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
-        ).batch(global_batch // num_shards, drop_remainder=True)
-        self.seed = seed
-        self.step = 0
-        self._it = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._it is None:
-            self._it = self._make().skip(self.step).as_numpy_iterator()
-        self.step += 1
-        return _to_batch(next(self._it))
-
-    def get_state(self) -> dict:
-        return {"step": int(self.step), "seed": int(self.seed)}
-
-    def set_state(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"checkpointed data seed {state['seed']} differs from the configured seed {self.seed}.")
-        self.step, self._it = int(state["step"]), None
-
-
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: int | None = None):
     """Sequential batches over a split; the last one is padded with all-padding rows."""
     n = len(next(iter(arrays.values())))
@@ -172,9 +139,6 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: in
         yield chunk
 
 
-STREAMING_EVAL_TASKS = ("c4",)  # too large to hold packed in memory
-
-
 def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, batch_size: int,
                 max_batches: int | None = None, *, shard_index: int = 0, num_shards: int = 1):
     """This host's blocks of global eval batches of `batch_size` rows, in a fixed order.
@@ -186,17 +150,14 @@ def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabular
     global batches.
     """
     local = batch_size // num_shards
-    if task_name not in STREAMING_EVAL_TASKS:
+    streamed = tasks_lib.tfds_name(task_name)
+    if streamed is None:
         part = slice(shard_index * local, (shard_index + 1) * local)
         for batch in eval_batches(packed_arrays(task_name, split, seq_len, vocab), batch_size, max_batches):
             yield {k: v[part] for k, v in batch.items()}
         return
-    ds = _seqio_dataset(tasks_lib.get_task(task_name, vocab), split, seq_len,
-                        shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
-    for b, rows in enumerate(ds.batch(local).as_numpy_iterator()):
-        if max_batches is not None and b >= max_batches:
-            return
-        yield from eval_batches(_to_batch(rows), local)
+    yield from streaming.eval_batches(streamed, split, seq_len, vocab, local, shard_index=shard_index,
+                                      num_shards=num_shards, max_batches=max_batches)
 
 
 def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:

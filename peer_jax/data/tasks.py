@@ -92,6 +92,18 @@ def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
 EXTRA_SOURCES: dict[str, Callable[[], seqio.DataSource]] = {}
 
 
+# Corpora streamed through Grain from a TFDS ArrayRecord copy (peer_jax/data/streaming.py):
+# the named ones, and any `tfds:NAME[:VERSION]` with a `text` field (e.g. a local C4 sample).
+STREAMED_TFDS = {"c4": "c4/en:3.1.0"}
+
+
+def tfds_name(task: str) -> str | None:
+    """The TFDS dataset a streamed task reads, or None for a task packed in memory."""
+    if task.startswith("tfds:"):
+        return task[len("tfds:"):]
+    return STREAMED_TFDS.get(task)
+
+
 def task_names() -> list[str]:
     return sorted({**_sources(), **EXTRA_SOURCES})
 

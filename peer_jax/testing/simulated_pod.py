@@ -110,6 +110,15 @@ class SimulatedPod:
         self.kill()
         raise TimeoutError(f"process {i} did not log {pattern!r} within {timeout:.0f} s\n{self.tails()}")
 
+    def wait_until(self, condition, what: str, timeout: float = 300.0) -> None:
+        """Polls `condition()` while every process runs; kills them all and raises otherwise."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"the simulated pod did not reach: {what}\n{self.tails()}")
+            time.sleep(0.01)
+
     def wait(self, timeout: float = 300.0) -> list[int]:
         """Return codes of all processes; on timeout kills them (only them) and raises TimeoutError."""
         deadline = time.monotonic() + timeout

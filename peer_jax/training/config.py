@@ -35,7 +35,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 32  # global, in sequences, per optimizer step
     grad_accum_steps: int = 1
-    streaming: bool = False  # True for corpora that don't fit in memory (C4)
+    streaming: bool = False  # True for corpora read with Grain from TFDS ArrayRecord files (C4, 'tfds:NAME')
     data_seed: int = 0
     # Schedule.
     num_steps: int = 200

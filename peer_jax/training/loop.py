@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from peer_jax import flops as flops_lib, multihost, sharding
-from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, vocab as vocab_lib
+from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
 from peer_jax.training import evaluate as eval_lib
@@ -104,8 +104,11 @@ class Trainer:
         shard, shards = batch_shard(self.mesh, self.rules, cfg, cfg.batch_size)
         kw = dict(seed=cfg.data_seed, shard_index=shard, num_shards=shards)
         if cfg.streaming:
-            self.train_it = pipeline.StreamingBatches(cfg.train_task, cfg.train_split, cfg.seq_len, self.vocab,
-                                                      cfg.batch_size, **kw)
+            name = tasks_lib.tfds_name(cfg.train_task)
+            if name is None:
+                raise ValueError(f"TrainConfig.streaming=True needs a TFDS corpus: train_task={cfg.train_task!r} is "
+                                 "packed in memory. Use 'c4' or 'tfds:NAME', or set streaming=False.")
+            self.train_it = streaming.GrainBatches(name, cfg.train_split, cfg.seq_len, self.vocab, cfg.batch_size, **kw)
         else:
             arrays = pipeline.packed_arrays(cfg.train_task, cfg.train_split, cfg.seq_len, self.vocab)
             self.train_it = pipeline.ArrayBatches(arrays, cfg.batch_size, **kw)
@@ -132,10 +135,10 @@ class Trainer:
                                     self.cfg.eval_batches, shard_index=shard, num_shards=shards)
 
     def restore(self) -> int:
-        restored = ckpt.restore(self.mngr, self.state, self.shardings, expect_meta=self.meta)
+        restored = ckpt.restore(self.mngr, self.state, self.shardings, expect_meta=self.meta,
+                                data_iterator=self.train_it)
         if restored is not None:
-            self.state, data_state, _ = restored
-            self.train_it.set_state(data_state)
+            self.state, _ = restored
             log.info("resumed from step %d", int(self.state["step"]))
         return int(self.state["step"])
 
@@ -216,7 +219,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         log.info("saving a checkpoint at step %d", step)
-        ckpt.save(self.mngr, step, self.state, self.train_it.get_state(), self.meta, force=True)
+        ckpt.save(self.mngr, step, self.state, self.train_it, self.meta, force=True)
 
     def run(self) -> dict:
         cfg = self.cfg
