@@ -4,6 +4,8 @@
 # `scripts/isoflop_sweep.py GRID --root ROOT --print_commands`; a point whose ROOT/NAME/result.json
 # reports its final step and an eval loss is skipped, an interrupted one resumes from its
 # checkpoints (the trainer does that), so rerunning this script continues where it stopped.
+# Post-hoc evals (--eval_tasks after --) run on every worker with --distributed. Exit status: 0 all
+# done, 1 a point failed, 3 a point stopped early (preempted or stop.sh): rerun to resume.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -105,7 +107,18 @@ for i in "${!names[@]}"; do
   n_run=$((n_run + 1))
   ok=1
   if [[ " ${todo[*]} " == *" train "* ]]; then
-    run_on_workers "$name" "${trains[$i]}" || ok=0
+    status=0
+    run_on_workers "$name" "${trains[$i]}" || status=$?
+    if ((status != 0)); then
+      ok=0
+      ((status == 4)) && echo "lost a host during $name (exit 4): the workers' logs name it" >&2
+    elif ! train_done "$name" "$n"; then
+      # Exit 0 before the last step: the hosts agreed to stop (SIGTERM: preemption, maintenance or
+      # stop.sh) and saved a checkpoint. The slice is going away: stop here, and resume later.
+      echo "stopped $name before its last step (preempted or stopped); rerun this command to resume" >&2
+      echo "sweep: ${#names[@]} points, $n_skip already done, interrupted at $name" >&2
+      exit 3
+    fi
   fi
   if [[ "$ok" == 1 && " ${todo[*]} " == *" eval "* ]]; then
     run_on_workers "$name.eval" "${evals[$i]}" || ok=0
