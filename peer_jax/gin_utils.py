@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tokenize
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,14 +55,33 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
     cwd = os.getcwd()
     try:
         os.chdir(REPO_ROOT)
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-    except (ValueError, KeyError, ImportError, SyntaxError) as e:
-        raise ConfigError(f"gin configuration error: {_first_line(e)}. Check the binding's name against "
-                          "the configurable's parameters (see configs/base.gin).") from e
-    except OSError as e:
-        raise ConfigError(f"gin include not found: {e}") from e
+        try:
+            gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
+        except _GIN_ERRORS as e:
+            raise ConfigError(f"gin configuration error in {', '.join(gin_files)}: {_first_line(e)}.") from e
+        except OSError as e:
+            raise ConfigError(f"gin include not found: {e}") from e
+        for binding in bindings:  # one at a time, so an error names its binding
+            name, _, value = binding.partition(" = ")
+            try:
+                gin.parse_config(binding)
+            except _GIN_ERRORS as e:
+                raise ConfigError(
+                    f"--gin.{name}={value}: {_reason(e)}. Values are gin/Python literals (strings "
+                    "in quotes, e.g. --gin.config.TrainConfig.train_task='\"kjv\"'; tuples in parentheses), and "
+                    "names are parameters of a configurable (see configs/base.gin).") from e
     finally:
         os.chdir(cwd)
+
+
+_GIN_ERRORS = (ValueError, KeyError, ImportError, SyntaxError, TypeError, tokenize.TokenError)
+
+
+def _reason(e: BaseException) -> str:
+    line = _first_line(e).rstrip(".")
+    if "malformed node" in line or isinstance(e, (SyntaxError, tokenize.TokenError)):
+        return "the value is not a gin/Python literal"
+    return line
 
 
 def _first_line(e: BaseException) -> str:

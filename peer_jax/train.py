@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def add_arguments(parser):
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+        parser.add_argument("--restore_step", type=int, default=None,
+                            help="resume from this checkpoint instead of the latest; newer ones are renamed "
+                                 "<step>.set_aside (never deleted)")
 
     try:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         multihost.check_workdir(str(workdir))
         workdir.mkdir(parents=True, exist_ok=True)
-        result = loop.train(cfg, str(workdir), on_start=lambda: _write_operative_config(workdir))
+        result = loop.train(cfg, str(workdir), on_start=lambda: _write_operative_config(workdir),
+                            restore_step=args.restore_step)
     except (ValueError, FileNotFoundError, CheckpointError, multihost.PodError) as e:
         return fail(e)
     except loop.NonFiniteLossError as e:

@@ -125,4 +125,25 @@ def test_corrupt_checkpoint_is_a_clear_error_never_a_fresh_start(reference, tmp_
         if f.is_file():
             f.write_bytes(b"garbage")
     p = _run(workdir, check=False)
-    assert p.returncode == 2 and f"checkpoints/{STEPS}" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and f"checkpoints/{STEPS} is unreadable" in p.stderr, p.stderr[-2000:]
+    # one line that names the newest intact checkpoint and how to resume from it
+    intact = STEPS - 2
+    assert f"The newest intact checkpoint is step {intact}: resume from it with --restore_step={intact}" in p.stderr
+    assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr
+    # ... which works, and sets the corrupt one aside instead of deleting it
+    _run(workdir, f"--restore_step={intact}")
+    assert (workdir / "checkpoints" / f"{STEPS}.set_aside").is_dir()
+    assert _metrics(workdir) == _metrics(reference)
+
+
+def test_resuming_with_another_model_size_is_one_clear_line(reference, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "other_size"
+    shutil.copytree(reference, workdir)
+    p = _run(workdir, "--gin.transformer.Transformer.d_model=48", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith(f"error: checkpoint {workdir}/checkpoints/{STEPS} does not fit this model"), err[-3:]
+    assert "checkpoint (2, 16, 32) float32 vs this run (2, 24, 48) float32" in err[-1]
+    assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr

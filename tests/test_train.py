@@ -72,6 +72,9 @@ def test_incompatible_checkpoint_is_a_clear_error(full_run, tmp_path):
     (["--gin.config.TrainConfig.no_such_setting=1"], "no_such_setting"),
     (["--gin.config.TrainConfig.mesh_shape=(3, 1, 1)"], "mesh_shape"),
     (["--gin.config.TrainConfig.batch_size=6"], "batch_size"),
+    # unparsable values: the binding and its value are named
+    (["--gin.config.TrainConfig.num_steps=(1,"], "--gin.config.TrainConfig.num_steps=(1,: the value is not a gin"),
+    (["--gin.config.TrainConfig.train_task=kjv"], "--gin.config.TrainConfig.train_task=kjv: the value is not a gin"),
 ])
 def test_cli_config_errors_name_the_setting(args, message, tmp_path, capsys):
     code = train_cli.main(["--gin_file=configs/runs/tiny_cpu.gin", f"--workdir={tmp_path}", *args])

@@ -14,6 +14,7 @@ already placed on the mesh. A checkpoint that cannot be read into this run's sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import grain
@@ -67,20 +68,115 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, meta: dic
     )
 
 
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'params/…': (shape, dtype)} of the train state saved at `path` (metadata only)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that the item has no _CHECKPOINT_METADATA of its own
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(os.path.join(path, "state")).item_metadata.tree
+    finally:
+        absl.setLevel(level)
+    return {_key(p): (tuple(m.shape), str(m.dtype)) for p, m in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _key(path) -> str:
+    def name(k):  # DictKey.key, SequenceKey.idx, GetAttrKey.name (optax states are namedtuples)
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return "/".join(name(k) for k in path)
+
+
+def _readable(mngr: ocp.CheckpointManager, step: int) -> bool:
+    try:
+        _read_meta(mngr, step)
+        stored_shapes(os.path.join(str(mngr.directory), str(step)))
+        return True
+    except Exception:  # noqa: BLE001 - anything unreadable counts as corrupt
+        return False
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, path: str, e: Exception) -> CheckpointError:
+    older = [s for s in sorted(mngr.all_steps(), reverse=True) if s < step]
+    intact = next((s for s in older if _readable(mngr, s)), None)
+    fix = (f"The newest intact checkpoint is step {intact}: resume from it with --restore_step={intact} (nothing is "
+           "deleted; newer checkpoints are set aside), or use a new --workdir." if intact is not None else
+           "No older checkpoint is intact: move it away to start over, or use a new --workdir.")
+    return CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}). {fix}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _shape_diff(stored: dict, abstract) -> list[str]:
+    want = {_key(p): (tuple(x.shape), str(x.dtype)) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    out = [f"{k}: checkpoint {stored[k][0]} {stored[k][1]} vs this run {w[0]} {w[1]}"
+           for k, w in want.items() if k in stored and stored[k] != w]
+    out += [f"{k}: only in this run" for k in want if k not in stored]
+    out += [f"{k}: only in the checkpoint" for k in stored if k not in want]
+    return out
+
+
+def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> list[str]:
+    """Renames checkpoints newer than `step` to `<n>.set_aside` (process 0; nothing is deleted),
+    so that a run resumed from `step` can save those steps again. Returns the new names."""
+    moved = []
+    if jax.process_index() == 0:
+        for s in sorted(x for x in mngr.all_steps() if x > step):
+            src = epath.Path(str(mngr.directory)) / str(s)
+            dst = src.parent / f"{s}.set_aside"
+            k = 1
+            while dst.exists():
+                dst, k = src.parent / f"{s}.set_aside{k}", k + 1
+            src.rename(dst)
+            moved.append(dst.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("peer_jax_set_aside_newer")
+    mngr.reload()
+    return moved
+
+
 def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None = None,
             expect_meta: dict | None = None, data_iterator=None):
     """(state, meta) of `step` (default latest), or None when there is none; also moves
-    `data_iterator` (if given) to this host's saved position."""
+    `data_iterator` (if given) to this host's saved position.
+
+    Every failure is one CheckpointError line naming the checkpoint, what differs and the fix;
+    orbax is shut down before it is raised, so no library noise follows it.
+    """
+    try:
+        return _restore(mngr, state_like, shardings, step, expect_meta, data_iterator)
+    except CheckpointError:
+        mngr.close()
+        raise
+
+
+def _restore(mngr, state_like, shardings, step, expect_meta, data_iterator):
+    steps = mngr.all_steps()
+    if step is not None and step not in steps:
+        raise CheckpointError(f"--restore_step={step}: {mngr.directory} has no checkpoint at that step "
+                              f"(it has {sorted(steps) or 'none'}).")
     step = mngr.latest_step() if step is None else step
     if step is None:
         return None
     path = os.path.join(str(mngr.directory), str(step))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = _read_meta(mngr, step)
+        stored = stored_shapes(path)
     except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Move it away to "
-                              "restart from the previous one, or use a new --workdir.") from e
+        raise _unreadable(mngr, step, path, e) from e
     if expect_meta:
         diff = {k: (meta.get(k), v) for k, v in expect_meta.items() if meta.get(k) != v}
         if diff:
@@ -88,6 +184,12 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
                 f"checkpoint {path} was written by an incompatible run: "
                 + ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
                 + ". Use a new --workdir, or restore the original configuration.")
+    diff = _shape_diff(stored, abstract)
+    if diff:
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model/optimizer state: {'; '.join(diff[:3])}{more}. Restore the "
+            "configuration that wrote it (its operative_config.gin is in the run directory), or use a new --workdir.")
     if data_iterator is not None:
         mine = epath.Path(path) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not mine.exists():
@@ -102,6 +204,5 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} cannot be restored into this model/optimizer state "
-                              f"({type(e).__name__}: {str(e)[:2000]}).") from e
+        raise _unreadable(mngr, step, path, e) from e
     return out["state"], meta

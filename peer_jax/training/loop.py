@@ -85,8 +85,9 @@ def batch_shard(mesh, rules, cfg: TrainConfig, rows: int) -> tuple[int, int]:
 class Trainer:
     """One training run in `workdir` (resumed if it holds checkpoints)."""
 
-    def __init__(self, cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None):
-        self.cfg, self.workdir = cfg, epath.Path(workdir)
+    def __init__(self, cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None,
+                 restore_step: int | None = None):
+        self.cfg, self.workdir, self.restore_step = cfg, epath.Path(workdir), restore_step
         self.on_start, self.on_step = on_start, on_step
         self.last_eval: dict = {}
 
@@ -135,8 +136,13 @@ class Trainer:
                                     self.cfg.eval_batches, shard_index=shard, num_shards=shards)
 
     def restore(self) -> int:
-        restored = ckpt.restore(self.mngr, self.state, self.shardings, expect_meta=self.meta,
-                                data_iterator=self.train_it)
+        """Restores the latest checkpoint (or `restore_step`, setting newer ones aside); returns the step."""
+        restored = ckpt.restore(self.mngr, self.state, self.shardings, step=self.restore_step,
+                                expect_meta=self.meta, data_iterator=self.train_it)
+        if restored is not None and self.restore_step is not None:
+            moved = ckpt.set_aside_newer(self.mngr, self.restore_step)
+            if moved:
+                log.warning("resuming from step %d: newer checkpoints set aside as %s", self.restore_step, moved)
         if restored is not None:
             self.state, _ = restored
             log.info("resumed from step %d", int(self.state["step"]))
@@ -271,6 +277,6 @@ class Trainer:
         return {"step": step, "params": self.n_params, **self.last_eval}
 
 
-def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None) -> dict:
+def train(cfg: TrainConfig, workdir: str, *, on_start=None, on_step=None, restore_step: int | None = None) -> dict:
     """Runs (or resumes) a training run in `workdir`; returns the final metrics."""
-    return Trainer(cfg, workdir, on_start=on_start, on_step=on_step).run()
+    return Trainer(cfg, workdir, on_start=on_start, on_step=on_step, restore_step=restore_step).run()
