@@ -15,6 +15,13 @@ Convention (used for every budget, step count and plot of the isoFLOP study)
 * Attention scores cover the **full** T×T square (`causal=False`, the default): that is what
   `jax.nn.dot_product_attention(is_causal=True)` computes in XLA (it masks, it does not skip),
   and what Chinchilla counts. `causal=True` halves the term (a flash/splash kernel's work).
+  Every isoFLOP budget, step count and committed grid (configs/isoflop/) uses the full square;
+  that stays the budget convention.
+* MaxText's convention (its `calculate_tflops_training_per_device`) counts causal attention
+  **half**: (T+1)/2 keys per query on average, the work a causal flash/splash kernel does by
+  skipping the blocks above the diagonal. `maxtext_train_flops_per_token` reports that figure
+  separately (e.g. to compare an MFU with MaxText's); it never changes a budget. The two differ
+  only in the attention score/value terms: 4·(T − (T+1)/2)·N·H forward FLOPs per token and layer.
 * Training = 3 × forward (the backward pass costs two matmuls per forward matmul).
 * MoE: the experts' MLP FLOPs times the **experts processed per token**. Expert choice
   processes E·C slots per routing group of S tokens, i.e. E·C/S = capacity_factor per token
@@ -161,11 +168,13 @@ def count(model: Transformer, seq_len: int, batch_size: int | None = None, *, ca
         for k, v in src.items():
             dst[k] = dst.get(k, 0.0) + float(v)
 
-    for block in model.blocks:
-        add(terms, attention_terms(model.d_model, model.num_heads, model.head_dim, seq_len, causal))
-        c = ffw_count(block.ffw, seq_len=seq_len, batch_size=batch_size)
-        add(terms, c.terms)
-        add(overhead, c.overhead)
+    for ffw, n in model.ffw_layers():  # one entry per block, or per scanned run of n blocks
+        attn = attention_terms(model.d_model, model.num_heads, model.head_dim, seq_len, causal)
+        c = ffw_count(ffw, seq_len=seq_len, batch_size=batch_size)
+        for _ in range(n):  # n separate additions: the same sums, in the same order, as unscanned
+            add(terms, attn)
+            add(terms, c.terms)
+            add(overhead, c.overhead)
     terms["logits"] = 2.0 * model.d_model * model.vocab_size
     return FlopCount(terms, overhead)
 
@@ -176,6 +185,12 @@ def forward_flops_per_token(model: Transformer, seq_len: int, batch_size: int | 
 
 def train_flops_per_token(model: Transformer, seq_len: int, batch_size: int | None = None, **kw) -> float:
     return count(model, seq_len, batch_size, **kw).train
+
+
+def maxtext_train_flops_per_token(model: Transformer, seq_len: int, batch_size: int | None = None) -> float:
+    """Training FLOPs per token in MaxText's convention: causal attention counted half (see the
+    module docstring). A reported figure for MFU comparisons, never a budget."""
+    return count(model, seq_len, batch_size, causal=True).train
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -196,10 +211,9 @@ def param_counts(model: Transformer, seq_len: int = 1, batch_size: int | None = 
     embedding = _size(model.embed) + (0 if model.tie_embeddings else _size(model.unembed))
     non_embedding = total - embedding
     active = non_embedding
-    for block in model.blocks:
-        ffw = block.ffw
+    for ffw, n in model.ffw_layers():  # a scanned run's parameters hold all n layers
         ffw_params = sum(_size(x) for x in jax.tree.leaves(nnx.state(ffw, nnx.Param)))
-        active += ffw_count(ffw, seq_len=seq_len, batch_size=batch_size).active_params - ffw_params
+        active += n * ffw_count(ffw, seq_len=seq_len, batch_size=batch_size).active_params - ffw_params
     return {"total": float(total), "embedding": float(embedding), "non_embedding": float(non_embedding),
             "active_non_embedding": float(active), "active": float(active + embedding)}
 

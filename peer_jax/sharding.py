@@ -14,8 +14,10 @@ embed          d_model of weights and activations
 heads, kv      attention heads and head dim
 mlp            hidden dim of dense FFWs (and of each MoE expert)
 vocab          vocabulary
-experts        the expert / memory axis of PEER, PKM and MoE tables
+experts        the expert axis of MoE expert weights
+expert_rows    the rows (experts / memories) of PEER and PKM tables
 expert_embed   d_model of PEER/PKM expert tables (the Memory-Layers-at-Scale split)
+layers         the leading axis of scanned (stacked) blocks; replicated
 keys, key_dim  product sub-keys and query dim
 =============  ===============================================================
 """
@@ -46,10 +48,12 @@ RULES_DEFAULT: LogicalRules = (
     ("mlp", "model"),
     ("vocab", "model"),
     ("experts", "expert"),
+    ("expert_rows", "expert"),
     ("expert_embed", "model"),
     ("moe_mlp", "model"),
     ("keys", None),
     ("key_dim", None),
+    ("layers", None),
 )
 
 # Pure data parallelism: every weight replicated (the single-host baseline).
@@ -63,10 +67,20 @@ RULES_FSDP: LogicalRules = tuple(
     (name, "data") if name == "embed" else (name, axes) for name, axes in RULES_DEFAULT
 )
 
+# The default, plus the rows of PEER/PKM tables split over `data` (and `expert`): the tables
+# and their Adam moments (sharded like their parameter, step.optimizer_shardings) are stored
+# once per model-parallel group instead of once per data-parallel device. d_model stays over
+# `model`; the lookup's shard_map all-gathers the rows of its d-slice over `data` in the
+# forward pass and reduce-scatters the table gradient in the backward (FSDP for the tables).
+RULES_FSDP_EXPERT_TABLES: LogicalRules = tuple(
+    (name, ("expert", "data")) if name == "expert_rows" else (name, axes) for name, axes in RULES_DEFAULT
+)
+
 RULE_PRESETS: dict[str, LogicalRules] = {
     "default": RULES_DEFAULT,
     "data_parallel": RULES_DATA_PARALLEL,
     "fsdp": RULES_FSDP,
+    "fsdp_expert_tables": RULES_FSDP_EXPERT_TABLES,
 }
 
 

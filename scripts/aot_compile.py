@@ -152,6 +152,15 @@ def _state_bytes(state) -> dict[str, int]:
             for k, v in state.items()}
 
 
+def _attention_impl(impl: str, seq_len: int, mesh) -> str:
+    import jax
+
+    from peer_jax.backends import attention
+
+    with jax.set_mesh(mesh):
+        return attention.resolve(impl, seq_len)
+
+
 def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_size, chip_config):
     """(report, compiled, or None when the TPU compiler ran out of HBM) for a parsed TrainConfig."""
     import jax
@@ -185,7 +194,11 @@ def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_
                            f"--gin.config.TrainConfig.sharding_rules='\"{rules_name}\"'"],
         "model": {"num_layers": model.num_layers, "d_model": model.d_model, "num_heads": model.num_heads,
                   "vocab_size": vocab, "dtype": str(np.dtype(model.dtype)),
-                  "ffw": [type(b.ffw).__name__ for b in model.blocks]},
+                  "ffw": [type(f).__name__ for f, n in model.ffw_layers() for _ in range(n)],
+                  "scan_layers": model.scan_layers, "remat": model.remat},
+        # What Attention(impl=...) resolves to when compiled for this topology ('splash' on TPU).
+        "attention_impl": _attention_impl(model.attention_impl, cfg.seq_len, mesh),
+        "model_flops_per_step_maxtext": flops_lib.maxtext_train_flops_per_token(model, cfg.seq_len, micro) * tokens,
         "params": flops_lib.param_counts(model, cfg.seq_len, micro),
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "grad_accum_steps": cfg.grad_accum_steps,
         "tokens_per_step": tokens, "model_flops_per_step": count.train * tokens,

@@ -24,12 +24,12 @@ from peer_jax.sharding import vary_like
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(x: jax.Array, kernel: jax.Array, transposed_grad: bool) -> jax.Array:
-    return jnp.einsum("...d,dk->...k", x, kernel)
+    return jnp.einsum("...d,dk->...k", x, kernel, preferred_element_type=jnp.float32)
 
 
 def project(x: jax.Array, kernel: jax.Array, *, transposed_grad: bool = False) -> jax.Array:
-    """``x @ kernel`` (contracting x's last axis) with a custom VJP that fixes only the *form*
-    of the kernel gradient; values equal ``portable.project``'s.
+    """``x @ kernel`` (contracting x's last axis, float32 result) with a custom VJP that fixes
+    only the *form* of the kernel gradient; values equal ``portable.project``'s.
 
     Plain autodiff emits ``dot(g, x)`` followed by a transpose, which XLA:CPU lowers by
     materialising ``gᵀ`` fused into the query-BatchNorm backward: a strided

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 def project(x: jax.Array, kernel: jax.Array, *, transposed_grad: bool = False) -> jax.Array:
     """``x @ kernel`` contracting x's last axis (the router's query projection); plain autodiff.
-
-    ``transposed_grad`` selects a CPU form of the kernel gradient and is ignored here."""
+    Accumulated and returned in float32 whatever the input dtype (the queries feed a discrete
+    top-k). ``transposed_grad`` selects a CPU form of the kernel gradient and is ignored here."""
     del transposed_grad
-    return jnp.einsum("...d,dk->...k", x, kernel)
+    return jnp.einsum("...d,dk->...k", x, kernel, preferred_element_type=jnp.float32)
 
 
 def scatter_zeros(shape, dtype, tag: jax.Array) -> jax.Array:

@@ -1,12 +1,20 @@
-"""Causal multi-head self-attention with rotary positions."""
+"""Causal multi-head self-attention with rotary positions.
+
+The attention kernel itself (XLA's or the Pallas splash kernel on TPU) is chosen by ``impl``
+behind ``peer_jax/backends/attention.py``. The q/k/v and output projections are tagged with
+``checkpoint_name`` ('qkv_proj', 'out_proj') for the named remat policies of
+``models/remat.py``; a name is the identity on values.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from peer_jax import sharding
+from peer_jax.backends import attention as attention_kernels
 from peer_jax.layers.dense import fan_in_init
 
 
@@ -21,13 +29,20 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
 
 
 class Attention(nnx.Module):
-    """Pre-projected q/k/v, RoPE, `jax.nn.dot_product_attention` with a causal+segment mask."""
+    """Pre-projected q/k/v, RoPE, causal+segment-masked attention.
+
+    ``impl``: 'auto' (splash on TPU when T is a multiple of 128, else XLA), 'xla' or 'splash'
+    (see ``backends/attention.py``).
+    """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rope_base: float = 10_000.0):
+                 param_dtype=jnp.float32, rope_base: float = 10_000.0, impl: str = "auto"):
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings.")
+        if impl not in attention_kernels.IMPLS:
+            raise ValueError(f"Attention impl={impl!r} is unknown; use one of {list(attention_kernels.IMPLS)}.")
         self.num_heads, self.head_dim, self.dtype, self.rope_base = num_heads, head_dim, dtype, rope_base
+        self.impl = impl
         self.qkv = nnx.Param(
             fan_in_init(rngs.params(), (3, d_model, num_heads * head_dim), param_dtype).reshape(
                 3, d_model, num_heads, head_dim
@@ -41,16 +56,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         x = x.astype(self.dtype)
-        qkv = jnp.einsum("btd,sdnh->sbtnh", x, self.qkv[...].astype(self.dtype))
+        qkv = checkpoint_name(jnp.einsum("btd,sdnh->sbtnh", x, self.qkv[...].astype(self.dtype)), "qkv_proj")
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = rotary(q, positions, self.rope_base)
         k = rotary(k, positions, self.rope_base)
         q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
-        mask = None
-        if segment_ids is not None:
-            # Packed sequences: attend only within the same segment. Padding (segment 0) attends
-            # to padding, so no row is fully masked; its outputs never reach the loss.
-            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-        return jnp.einsum("btnh,nhd->btd", o, self.out[...].astype(self.dtype))
+        # Packed sequences attend only within their segment (backends/attention.py).
+        o = attention_kernels.attend(q, k, v, segment_ids, self.impl)
+        return checkpoint_name(jnp.einsum("btnh,nhd->btd", o, self.out[...].astype(self.dtype)), "out_proj")
 

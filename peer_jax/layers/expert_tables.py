@@ -8,8 +8,9 @@ what crosses devices depends only on the layer (PEER: a psum of ``[tokens, h·k]
 nothing). Sharding the expert axis instead would route each token to the devices owning its
 h·k experts: an all-to-all of d-sized token vectors whose destinations are data-dependent and,
 with 10⁶ experts and h·k = 128 random picks, effectively hit every device. If the rules also
-shard the expert rows (over ``expert``), the shard_map's in_specs make the compiler all-gather
-those rows first (FSDP style; the backward pass reduce-scatters the gradient).
+shard the expert rows (logical ``expert_rows``: over ``expert`` by default, over ``expert`` and
+``data`` in the ``fsdp_expert_tables`` preset), the shard_map's in_specs make the compiler
+all-gather those rows first (FSDP style; the backward pass reduce-scatters the gradient).
 
 Outside a mesh, or when the mesh axes the rules assign to ``expert_embed`` have size 1, the
 layers use their single-device computation and the compiler partitions it along the batch.
@@ -25,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from peer_jax import sharding as shd
 
-TABLE_AXES = ("experts", "expert_embed")
+TABLE_AXES = ("expert_rows", "expert_embed")
 
 
 def default_table_init(d_model: int):

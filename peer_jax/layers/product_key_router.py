@@ -121,7 +121,10 @@ class ProductKeyRouter(nnx.Module):
         )
 
     def queries(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-        """``[B, T, heads, d_key]`` queries in the compute dtype: projection, then BatchNorm."""
+        """``[B, T, heads, d_key]`` float32 queries: projection (inputs in the compute dtype,
+        accumulated and emitted in float32), then BatchNorm (float32). They stay float32 for the
+        sub-key scores and the top-k: in bf16 the rounding of q and of the sub-keys reorders
+        near-tied candidates (tests/test_numerics.py measures how often)."""
         b, t, _ = x.shape
         q = backends.current().project(x.astype(self.dtype), self.query[...].astype(self.dtype),
                                        transposed_grad=self.native)
@@ -132,14 +135,14 @@ class ProductKeyRouter(nnx.Module):
                 # averages; fall back to all tokens then (their outputs are discarded anyway).
                 bn_mask = (mask | ~jnp.any(mask))[..., None]
             q = self.query_bn(q, use_running_average=not train, mask=bn_mask)
-        return q.astype(self.dtype).reshape(b, t, self.heads, self.d_key)
+        return q.astype(jnp.float32).reshape(b, t, self.heads, self.d_key)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False):
         """Router weights and item indices, each ``[B, T, heads, top_k]`` (float32, int32)."""
         q = self.queries(x, mask=mask, train=train)
         # The search runs over chunks of about route_chunk_tokens tokens *per device*.
         chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * shd.batch_shards()
-        scores, idx = product_key_topk(q, self.sub_keys[...], self.top_k, approx=self.approx_topk,
+        scores, idx = product_key_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k, approx=self.approx_topk,
                                        chunk_tokens=chunk, native=self.native)
         g = jax.nn.softmax(scores, axis=-1) if self.score_fn == "softmax" else jax.nn.sigmoid(scores)
         return g, idx

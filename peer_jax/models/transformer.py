@@ -4,6 +4,12 @@
 the blocks listed by `sparse_blocks` (default: the middle block only, as in the paper). Both
 are callables ``factory(d_model, *, rngs, dtype, param_dtype) -> module``; with gin that is
 one binding, e.g. ``transformer.Transformer.sparse_ffw = @peer.PEER``.
+
+TPU-efficiency options (all off or portable by default, so CPU results are unchanged):
+``attention_impl`` ('auto': Pallas splash attention on TPU, XLA elsewhere; see
+``backends/attention.py``), ``scan_layers`` (ordinary blocks as ``nnx.scan``; see
+``models/layer_stack.py`` for the parameter-tree change), ``remat`` (a policy name of
+``models/remat.py``) and ``z_loss`` (weight of the output z-loss, 0 = off).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from peer_jax import sharding
 from peer_jax.layers.attention import Attention
 from peer_jax.layers.dense import DenseFFW
 from peer_jax.layers.norms import RMSNorm
+from peer_jax.models import layer_stack
+from peer_jax.models import remat as remat_lib
 
 FFWFactory = Callable[..., nnx.Module]
 
@@ -53,10 +61,10 @@ class Block(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffw(norm(x))."""
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, ffw: FFWFactory, *, rngs: nnx.Rngs,
-                 dtype, param_dtype, rope_base: float):
+                 dtype, param_dtype, rope_base: float, attention_impl: str = "auto"):
         self.attn_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
         self.attn = Attention(d_model, num_heads, head_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                              rope_base=rope_base)
+                              rope_base=rope_base, impl=attention_impl)
         self.ffw_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
         self.ffw = ffw(d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -68,7 +76,14 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token embedding → blocks → RMSNorm → logits (untied output projection by default)."""
+    """Token embedding → blocks → RMSNorm → logits (untied output projection by default).
+
+    ``remat``: False/'none', True/'full', or a policy of ``models/remat.py`` ('minimal', 'dots',
+    'save_qkv_proj', 'save_out_proj'), applied per block. ``scan_layers``: scan runs of ordinary
+    blocks (``models/layer_stack.py``). ``attention_impl``: 'auto', 'xla' or 'splash'.
+    ``z_loss``: adds ``z_loss · mean(logsumexp(logits)²)`` over real tokens to the training loss
+    (sown as ``z_aux_loss``; PaLM uses 1e-4); 0 (default) adds nothing.
+    """
 
     def __init__(
         self,
@@ -86,7 +101,10 @@ class Transformer(nnx.Module):
         param_dtype: str | jnp.dtype = "float32",
         tie_embeddings: bool = False,
         rope_base: float = 10_000.0,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention_impl: str = "auto",
+        z_loss: float = 0.0,
     ):
         if num_layers < 1 or d_model < 1 or num_heads < 1:
             raise ValueError(f"Transformer: num_layers={num_layers}, d_model={d_model}, num_heads={num_heads} must be ≥ 1.")
@@ -98,17 +116,22 @@ class Transformer(nnx.Module):
         dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.dtype, self.tie_embeddings, self.remat = dtype, tie_embeddings, remat
+        self.dtype, self.tie_embeddings, self.attention_impl = dtype, tie_embeddings, attention_impl
+        self.remat, self.scan_layers, self.z_loss = remat_lib.resolve(remat), scan_layers, float(z_loss)
         self.sparse_blocks = resolve_sparse_blocks(sparse_blocks, num_layers) if sparse_ffw is not None else ()
         self.embed = nnx.Param(
             jax.nn.initializers.normal(1.0)(rngs.params(), (vocab_size, d_model), param_dtype),
             out_sharding=("vocab", "embed"),
         )
-        self.blocks = nnx.List([
+        blocks = [
             Block(d_model, num_heads, head_dim, sparse_ffw if i in self.sparse_blocks else ffw, rngs=rngs,
-                  dtype=dtype, param_dtype=param_dtype, rope_base=rope_base)
+                  dtype=dtype, param_dtype=param_dtype, rope_base=rope_base, attention_impl=attention_impl)
             for i in range(num_layers)
-        ])
+        ]
+        if scan_layers:
+            self.stacks, self.blocks, self.plan = layer_stack.build(blocks, self.sparse_blocks)
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype)
         if not tie_embeddings:
             self.unembed = nnx.Param(
@@ -135,12 +158,38 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        for block in self.blocks:
-            if self.remat:
-                x = nnx.remat(lambda b, *a: b(*a), static_argnums=(5,))(block, x, positions, segment_ids, mask, train)
-            else:
-                x = block(x, positions, segment_ids, mask, train)
+        call = remat_lib.wrap(lambda b, *a: b(*a), self.remat, static_argnums=(5,))
+        if not self.scan_layers:
+            for block in self.blocks:
+                x = call(block, x, positions, segment_ids, mask, train)
+        else:
+            for kind, j, _, _ in self.plan:
+                if kind == "stack":
+                    x = layer_stack.scan_blocks(self.stacks[j], x, positions, segment_ids, mask, train, self.remat)
+                else:
+                    x = call(self.blocks[str(j)], x, positions, segment_ids, mask, train)
         x = self.final_norm(x)
         w = self.embed[...].T if self.tie_embeddings else self.unembed[...]
-        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype))
-        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        # Accumulated and emitted in float32 (a bf16 output would round the logits before the loss).
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+        if self.z_loss:
+            self.sow(nnx.Intermediate, "z_aux_loss", self.z_loss * z_loss_term(logits, mask))
+        return logits
+
+    def ffw_layers(self) -> list[tuple[nnx.Module, int]]:
+        """(FFW module, number of layers it stands for) in layer order: one per block, or one
+        per stacked run when ``scan_layers`` (its parameters then carry the leading axis)."""
+        if not self.scan_layers:
+            return [(b.ffw, 1) for b in self.blocks]
+        return [(self.stacks[j].ffw, n) if kind == "stack" else (self.blocks[str(j)].ffw, 1)
+                for kind, j, _, n in self.plan]
+
+
+def z_loss_term(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean over real tokens (all when ``mask`` is None) of ``logsumexp(logits)²`` (float32)."""
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    if mask is None:
+        return jnp.mean(lse * lse)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(lse * lse * w) / jnp.maximum(jnp.sum(w), 1.0)

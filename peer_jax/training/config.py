@@ -54,6 +54,7 @@ class TrainConfig:
     wandb_project: str | None = None  # None: wandb disabled; else WANDB_MODE (default offline)
     tensorboard: bool = True
     progress_bar: bool = True
-    peak_flops_per_device: float | None = None  # e.g. 197e12 (v5e bf16): logs `mfu` from XLA's FLOPs
+    peak_flops_per_device: float | None = None  # None: peer_jax.hardware's table (TPU/H100/H200); CPU: no `mfu`
+    profile_steps: Sequence[int] | None = None  # (first, last) 1-based steps: jax.profiler trace in workdir/profile
     # Faults.
     nonfinite: str = "stop"  # 'stop' or 'skip' (skip the update, keep going)

@@ -186,8 +186,11 @@ class Trainer:
         row = {**m, "lr": float(self.schedule(step - 1)), "tokens_per_sec": n * cfg.batch_size * cfg.seq_len / dt,
                "step_time_s": dt / n, "input_wait_s": self.input_wait_s / n}
         row["model_flops_per_sec"] = self.train_flops_per_token * row["tokens_per_sec"]
-        if cfg.peak_flops_per_device:
-            row["mfu"] = row["model_flops_per_sec"] / (cfg.peak_flops_per_device * jax.device_count())
+        from peer_jax import hardware  # peak FLOP/s of known TPUs/GPUs when not configured
+
+        peak = cfg.peak_flops_per_device or hardware.peak_flops_per_device()
+        if peak:
+            row["mfu"] = row["model_flops_per_sec"] / (peak * jax.device_count())
         masses = jax.device_get(self.state["expert_mass"])
         for k, mass in masses.items():
             layer = k.rsplit("/", 1)[0]
