@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--process_id", type=int, default=None, help="this process's index (default: detected)")
     g.add_argument("--coordinator_timeout_s", type=int, default=300,
                    help="how long to wait for the coordinator and the other hosts at start-up")
-    g.add_argument("--host_timeout_s", type=float, default=60.0,
+    g.add_argument("--host_timeout_s", type=float, default=30.0,
                    help="a host silent this long is declared lost; the others exit with status 4")
 
 

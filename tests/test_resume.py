@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 16
-TIMING_KEYS = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s")  # wall-clock derived
+TIMING_KEYS = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s",
+               "checkpoint_blocking_s")  # wall-clock derived
 
 
 def _cmd(workdir, *extra):

@@ -22,7 +22,8 @@ from peer_jax.testing.simulated_pod import REPO_ROOT, SimulatedPod
 
 BYTES = seqio.ByteVocabulary()
 STEPS = 40  # preemption is agreed within about a second: many fast steps may pass
-TIMING_KEYS = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s")
+TIMING_KEYS = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s",
+               "checkpoint_blocking_s")
 
 
 @pytest.fixture(scope="module")

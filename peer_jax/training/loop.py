@@ -26,6 +26,7 @@ from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
 from peer_jax.training import evaluate as eval_lib
 from peer_jax.training import metrics as metrics_lib
+from peer_jax.training import profiling
 from peer_jax.training import step as step_lib
 from peer_jax.training.config import TrainConfig
 from peer_jax.training.preemption import Preemption
@@ -185,6 +186,8 @@ class Trainer:
         n = self.steps_since
         row = {**m, "lr": float(self.schedule(step - 1)), "tokens_per_sec": n * cfg.batch_size * cfg.seq_len / dt,
                "step_time_s": dt / n, "input_wait_s": self.input_wait_s / n}
+        if self.checkpoint_blocking_s:
+            row["checkpoint_blocking_s"], self.checkpoint_blocking_s = self.checkpoint_blocking_s, 0.0
         row["model_flops_per_sec"] = self.train_flops_per_token * row["tokens_per_sec"]
         from peer_jax import hardware  # peak FLOP/s of known TPUs/GPUs when not configured
 
@@ -228,7 +231,9 @@ class Trainer:
 
     def save(self, step: int) -> None:
         log.info("saving a checkpoint at step %d", step)
+        t0 = time.perf_counter()
         ckpt.save(self.mngr, step, self.state, self.train_it, self.meta, force=True)
+        self.checkpoint_blocking_s += time.perf_counter() - t0  # what the save stalled training for
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -246,7 +251,9 @@ class Trainer:
 
                 self.bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
             self.t_log, self.steps_since, self.input_wait_s = time.perf_counter(), 0, 0.0
+            self.checkpoint_blocking_s = 0.0
             step, pending = start, None
+            profiler = profiling.StepProfiler(cfg.profile_steps, self.workdir, start_step=start, num_steps=cfg.num_steps)
             with Preemption(start) as preemption:
                 while step < cfg.num_steps:
                     metrics = self.step()
@@ -255,6 +262,7 @@ class Trainer:
                     if pending is not None:  # checked one step late, so the host never stalls the device
                         self.check_finite(*pending)
                     pending = (step, metrics["finite"])
+                    profiler.after_step(step, metrics)
                     if self.on_step is not None:
                         self.on_step(step)
                     if step % cfg.log_every == 0 or step == cfg.num_steps:
