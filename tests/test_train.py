@@ -85,3 +85,20 @@ def test_cli_config_errors_name_the_setting(args, message, tmp_path, capsys):
 def test_cli_missing_gin_file(tmp_path, capsys):
     code = train_cli.main(["--gin_file=configs/nope.gin", f"--workdir={tmp_path}"])
     assert code == 2 and "configs/nope.gin" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_are_written_through_clu(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorflow import make_ndarray
+
+    from peer_jax.training.metrics import MetricsWriter
+
+    w = MetricsWriter(str(tmp_path), tensorboard=True)
+    w.write(3, {"loss": 2.5, "eval/kjv/ppl": 9.0, "note": "not a scalar"})
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["tensors"]) == ["eval/kjv/ppl", "loss"]
+    (event,) = acc.Tensors("loss")
+    assert event.step == 3 and float(make_ndarray(event.tensor_proto)) == 2.5
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["note"] == "not a scalar"

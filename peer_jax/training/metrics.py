@@ -1,5 +1,9 @@
 """One metrics writer (process 0): JSONL, TensorBoard and wandb (disabled unless asked for).
 
+TensorBoard events go through `clu.metric_writers.SummaryWriter` (tf.summary, the T5X /
+big_vision convention), so a gs:// run directory works through tf.io.gfile with no extra
+dependency.
+
 `DIR/metrics.jsonl` gets one JSON object per logged step (`step`, `loss`, `tokens_per_sec`,
 ...; eval rows carry `eval/<task>/loss` and `eval/<task>/ppl`, and for the first eval task
 also plain `eval_loss`/`eval_ppl`). wandb runs only when a project is configured, in
@@ -9,7 +13,6 @@ also plain `eval_loss`/`eval_ppl`). wandb runs only when a project is configured
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from etils import epath
@@ -54,12 +57,9 @@ class MetricsWriter:
         self._remote = "://" in str(workdir)
         self._file = None if self._remote else open(self.path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from clu import metric_writers
 
-            try:
-                self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-            except ImportError as e:  # gs:// needs google-cloud-storage, which is not a dependency
-                logging.getLogger("peer_jax").warning("tensorboard disabled for %s: %s", workdir, e)
+            self._tb = metric_writers.SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", "offline")
             import wandb
@@ -78,9 +78,10 @@ class MetricsWriter:
         else:
             self._file.write(line + "\n")
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+            scalars = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if scalars:
+                self._tb.write_scalars(step, scalars)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
