@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import gin
     import jax
 
-    def fail(e, status: int = 2, grace_s: float = 0.0) -> int:
-        return multihost.finish(gin_utils.fail(e, status), str(e), grace_s=grace_s)
-
+    fail = multihost.fail
     try:
         multihost.initialize(args)
     except multihost.PodError as e:

@@ -231,6 +231,13 @@ def finish(status: int, message: str | None = None, *, grace_s: float = 0.0) -> 
     return status
 
 
+def fail(error: BaseException | str, status: int = 2, *, grace_s: float = 0.0) -> int:
+    """`error: <message>` on stderr, then `finish` (the CLIs' one failure path)."""
+    from peer_jax import gin_utils
+
+    return finish(gin_utils.fail(error, status), str(error), grace_s=grace_s)
+
+
 def jax_distributed():
     from jax._src import distributed
 

@@ -2,7 +2,7 @@
 
 For tests and measurements of the streamed (Grain + ArrayRecord) path without network:
 `build(data_dir)` writes `c4_local/1.0.0` in ArrayRecord format (train: the KJV training
-chapters, validation: the starts, of varied length, of the 59 validation chapters), readable as the task
+chapters, validation: the starts, of varied length, of the KJV validation chapters), readable as the task
 `tfds:c4_local` with `TFDS_DATA_DIR=data_dir`. Pass `copies` to make the train split larger.
 """
 

@@ -133,17 +133,24 @@ def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_si
     opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
     masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
-    replicated = NamedSharding(mesh, P())
-    state = {
-        "params": params,
-        "model_state": rest,
-        "opt_state": opt_state,
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "expert_mass": {k: jax.device_put(jnp.zeros(s, jnp.float32), replicated) for k, s in masses.items()},
-    }
+    state = _assemble(params, rest, opt_state, masses, mesh,
+                      lambda shape, dtype, s: jax.device_put(jnp.zeros(shape, dtype), s))
     shardings = jax.tree.map(lambda x: x.sharding, state)
     shardings["params"], shardings["model_state"] = p_shard, r_shard
     return ModelSetup(graphdef, mesh, rules, masses), state, shardings
+
+
+def _assemble(params, model_state, opt_state, masses: dict, mesh, zeros) -> TrainState:
+    """The train state pytree; `zeros(shape, dtype, sharding)` makes the step counter and the
+    expert-mass accumulators (arrays, or ShapeDtypeStructs for an abstract state)."""
+    replicated = NamedSharding(mesh, P())
+    return {
+        "params": params,
+        "model_state": model_state,
+        "opt_state": opt_state,
+        "step": zeros((), jnp.int32, replicated),
+        "expert_mass": {k: zeros(s, jnp.float32, replicated) for k, s in masses.items()},
+    }
 
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -166,12 +173,8 @@ def abstract_train_state(model_factory, tx: optax.GradientTransformation, vocab_
     opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
     opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), opt_shard)
     masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
-    replicated = NamedSharding(mesh, P())
-    state = {
-        "params": params, "model_state": rest, "opt_state": opt_state,
-        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        "expert_mass": {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated) for k, s in masses.items()},
-    }
+    state = _assemble(params, rest, opt_state, masses, mesh,
+                      lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s))
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return ModelSetup(graphdef, mesh, rules, masses), state, shardings
 
