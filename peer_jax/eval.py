@@ -44,7 +44,8 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
         mngr = ckpt.manager(checkpoint_dir, keep=cfg.keep_checkpoints)
         if mngr.latest_step() is None:
             raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} holds no checkpoint.")
-        state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
+        with ckpt.close_on_error(mngr):
+            state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shardings, setup)
         shard, shards = loop.batch_shard(mesh, rules, cfg, bs)
         results = {}

@@ -126,6 +126,21 @@ def _shape_diff(stored: dict, abstract) -> list[str]:
     return out
 
 
+class close_on_error:  # noqa: N801 - used as a context manager
+    """Closes the manager when a CheckpointError leaves the block (shuts orbax down cleanly)."""
+
+    def __init__(self, mngr: ocp.CheckpointManager):
+        self.mngr = mngr
+
+    def __enter__(self):
+        return self.mngr
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, CheckpointError):
+            self.mngr.close()
+        return False
+
+
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> list[str]:
     """Renames checkpoints newer than `step` to `<n>.set_aside` (process 0; nothing is deleted),
     so that a run resumed from `step` can save those steps again. Returns the new names."""
@@ -153,16 +168,9 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     `data_iterator` (if given) to this host's saved position.
 
     Every failure is one CheckpointError line naming the checkpoint, what differs and the fix;
-    orbax is shut down before it is raised, so no library noise follows it.
+    shapes are compared from the metadata before any array is read, so no library noise
+    follows it (callers that stop on it close the manager: `close_on_error`).
     """
-    try:
-        return _restore(mngr, state_like, shardings, step, expect_meta, data_iterator)
-    except CheckpointError:
-        mngr.close()
-        raise
-
-
-def _restore(mngr, state_like, shardings, step, expect_meta, data_iterator):
     steps = mngr.all_steps()
     if step is not None and step not in steps:
         raise CheckpointError(f"--restore_step={step}: {mngr.directory} has no checkpoint at that step "

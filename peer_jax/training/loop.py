@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 import jax
@@ -46,9 +45,7 @@ def check_batch(cfg: TrainConfig, mesh, rules) -> int:
         raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by "
                          f"TrainConfig.grad_accum_steps={cfg.grad_accum_steps}.")
     micro = cfg.batch_size // cfg.grad_accum_steps
-    spec = sharding.logical_to_spec(("batch",), rules)[0]
-    axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
-    dp = math.prod(mesh.shape[a] for a in axes)
+    dp = sharding.batch_shards(mesh, rules)
     if micro % dp:
         raise ValueError(
             f"the micro batch (TrainConfig.batch_size / grad_accum_steps = {micro}) is not divisible by the "
@@ -138,8 +135,9 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the latest checkpoint (or `restore_step`, setting newer ones aside); returns the step."""
-        restored = ckpt.restore(self.mngr, self.state, self.shardings, step=self.restore_step,
-                                expect_meta=self.meta, data_iterator=self.train_it)
+        with ckpt.close_on_error(self.mngr):
+            restored = ckpt.restore(self.mngr, self.state, self.shardings, step=self.restore_step,
+                                    expect_meta=self.meta, data_iterator=self.train_it)
         if restored is not None and self.restore_step is not None:
             moved = ckpt.set_aside_newer(self.mngr, self.restore_step)
             if moved:
