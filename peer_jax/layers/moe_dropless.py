@@ -54,19 +54,13 @@ all-to-all (MaxText's choice) moves less data.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from peer_jax import sharding as shd
-
-
-def _activate(h_in: jax.Array, h_gate: jax.Array | None, activation: str) -> jax.Array:
-    if activation == "swiglu":
-        return jax.nn.silu(h_gate) * h_in
-    return jax.nn.gelu(h_in) if activation == "gelu" else jax.nn.relu(h_in)
+from peer_jax.layers.moe_routing import expert_hidden
 
 
 def ragged_dot_is_dense(backend: str | None = None) -> bool:
@@ -87,9 +81,7 @@ def grouped_expert_mlp(xs: jax.Array, w: dict[str, jax.Array], group_sizes: jax.
     """Expert MLPs on rows sorted by expert: xs [R, d], w[...] [E_loc, ...] -> [R, d] float32.
 
     Rows past sum(group_sizes) belong to no group; `ragged_dot` leaves them zero."""
-    h = jax.lax.ragged_dot(xs, w["w_in"], group_sizes)
-    h_gate = jax.lax.ragged_dot(xs, w["w_gate"], group_sizes) if activation == "swiglu" else None
-    h = _activate(h, h_gate, activation)
+    h = expert_hidden(activation, lambda name: jax.lax.ragged_dot(xs, w[name], group_sizes))
     return jax.lax.ragged_dot(h, w["w_out"], group_sizes, preferred_element_type=jnp.float32)
 
 
@@ -118,10 +110,8 @@ def dropless_reference(x, router, w, valid, *, top_k: int, renormalize: bool, ac
     probs = jax.nn.softmax(jnp.einsum("nd,de->ne", x.astype(jnp.float32), router.astype(jnp.float32)), axis=-1)
     experts, gates = top_k_routing(probs, valid, top_k, renormalize)
     combine = jnp.einsum("nke,nk->ne", jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32), gates)
-    h = jnp.einsum("nd,edm->nem", x, w["w_in"])
-    h_gate = jnp.einsum("nd,edm->nem", x, w["w_gate"]) if activation == "swiglu" else None
-    ye = jnp.einsum("nem,emd->ned", _activate(h, h_gate, activation), w["w_out"],
-                    preferred_element_type=jnp.float32)
+    h = expert_hidden(activation, lambda name: jnp.einsum("nd,edm->nem", x, w[name]))
+    ye = jnp.einsum("nem,emd->ned", h, w["w_out"], preferred_element_type=jnp.float32)
     return jnp.einsum("ned,ne->nd", ye, combine)
 
 
@@ -133,15 +123,6 @@ def _axes(entry) -> tuple[str, ...]:
 def _entry(axes: tuple[str, ...]):
     """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
-
-
-def _vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
-    """Marks x as varying over `axes` inside shard_map (so mixed operands type-check)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; older: aval.vma
-    have = frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-    missing = tuple(a for a in axes if a not in have)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
@@ -196,8 +177,8 @@ def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layou
         first = jax.lax.axis_index(expert_axes) * e_loc
         # Tokens are replicated over the hidden axes and weights over the token axes: mark
         # both varying over everything, so the transposes sum grads over what they miss.
-        w = {k: _vary(v, all_axes) for k, v in w.items()}
-        y, load = dropless_local(_vary(xf, all_axes), ef, _vary(gf, all_axes), vf, w, activation, first)
+        w = {k: shd.vary(v, all_axes) for k, v in w.items()}
+        y, load = dropless_local(shd.vary(xf, all_axes), ef, shd.vary(gf, all_axes), vf, w, activation, first)
         if gathered:
             y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
         if summed or hidden_axes:
