@@ -43,16 +43,20 @@ when the group has >= C valid tokens. Padding (mask False) is never routed and o
 
 Expert parallelism
 ------------------
-Without a mesh whose 'expert' axis is > 1 (or with ``expert_parallel=False``) the plain
-einsum reference runs: dispatch/combine tensors of shape [G, S, E, C] (one-hot, MXU-friendly,
-the GShard/MaxText "dense" formulation). Under such a mesh the same routing and einsums run
-inside `jax.shard_map` with a fixed layout: tokens split over ('data', 'expert'), experts over
-'expert', each expert's hidden dim over 'model'. Expert buffers [E, G, C, d] go through
-`all_to_all` over 'expert' (split E, gather groups), each device runs its E/n_e experts on its
-1/n_m slice of the hidden dim, a `psum` over 'model' sums the hidden-dim partials, and a
-second `all_to_all` returns the results. Parameters stored with another layout (e.g. FSDP's
-'embed' -> 'data') are resharded by the shard_map boundary. The router (d x E, tiny) runs
-outside the shard_map on the auto-sharded batch, so its losses are global over the call.
+Mesh axes come from the logical rules in context (`current_rules()`, else `RULES_DEFAULT`):
+experts over the axes of 'experts', each expert's hidden dim over those of 'moe_mlp' (less the
+expert axes), tokens over those of 'batch' plus every expert axis (less the hidden axes).
+Under the default rules: experts over 'expert', hidden dim over 'model', tokens over
+('data', 'expert'). Without a mesh whose expert axes split experts (or with
+``expert_parallel=False``) the plain einsum reference runs: dispatch/combine tensors of shape
+[G, S, E, C] (one-hot, MXU-friendly, the GShard/MaxText "dense" formulation). Otherwise the
+same routing and einsums run inside `jax.shard_map`: expert buffers [E, G, C, d] go through
+`all_to_all` over the expert axes (split E, gather groups), each device runs its E/n_e experts
+on its 1/n_m slice of the hidden dim, a `psum` over the hidden axes sums the hidden-dim
+partials, and a second `all_to_all` returns the results. Tokens or parameters laid out
+otherwise (rules whose 'batch' leaves out an expert axis, FSDP's 'embed' -> 'data') are
+resharded by the shard_map boundary. The router (d x E, tiny) runs outside the shard_map on
+the auto-sharded batch, so its losses are global over the call.
 """
 
 from __future__ import annotations
@@ -271,57 +275,66 @@ class MoE(nnx.Module):
             y = shd.constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         return y, load, jnp.zeros((), jnp.float32), jnp.sum(valid).astype(jnp.float32)
 
-    def _ep_layout(self, b: int, t: int) -> tuple[tuple[str, ...], str | None] | None:
-        """(batch mesh axes, model axis) for the expert-parallel path, or None for the
-        reference path; checks that the shapes split evenly over the mesh in context."""
-        if not self.expert_parallel or shd.mesh_axis_size("expert") <= 1:
-            return None
+    def _ep_layout(self, b: int, t: int):
+        """(token axes, expert axes, hidden axes) of the mesh in context for the expert-parallel
+        path, from the logical rules in context (else `RULES_DEFAULT`), or None for the
+        reference path; checks that the shapes split evenly over those axes."""
         mesh = jax.sharding.get_abstract_mesh()
-        batch_axes = tuple(a for a in ("data", "expert") if a in mesh.axis_names)
-        model_axis = "model" if "model" in mesh.axis_names else None
-        n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-        n_exp, n_model = mesh.shape["expert"], mesh.shape[model_axis] if model_axis else 1
+        if not self.expert_parallel or mesh.empty:
+            return None
+        rules = shd.current_rules() or shd.RULES_DEFAULT
+        expert_axes, hidden_axes = dropless.expert_weight_axes(mesh, rules)
+        size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+        if size(expert_axes) <= 1:
+            return None
+        # Tokens split over the 'batch' axes and every expert axis (the dispatch all_to_all
+        # trades token shards for expert shards), never over a hidden axis (its psum adds
+        # partial sums of the same tokens).
+        batch_axes = shd.mesh_axes("batch", mesh, rules)
+        token_axes = tuple(dict.fromkeys(a for a in batch_axes + expert_axes if a not in hidden_axes))
+        n_exp, n_hidden, n_tok = size(expert_axes), size(hidden_axes), size(token_axes)
         if self.num_experts % n_exp:
             raise ValueError(
-                f"MoE: num_experts={self.num_experts} must be divisible by the 'expert' mesh axis "
+                f"MoE: num_experts={self.num_experts} must be divisible by the {_axes_text(expert_axes)} "
                 f"({n_exp}); change `num_experts` or the mesh shape."
             )
-        if self.mlp_dim % n_model:
+        if self.mlp_dim % n_hidden:
             raise ValueError(
-                f"MoE: mlp_dim={self.mlp_dim} must be divisible by the 'model' mesh axis ({n_model}); "
+                f"MoE: mlp_dim={self.mlp_dim} must be divisible by the {_axes_text(hidden_axes)} ({n_hidden}); "
                 "change `mlp_dim` or the mesh shape."
             )
-        if b % n_batch:
+        if b % n_tok:
             raise ValueError(
-                f"MoE: batch size {b} must be divisible by the data x expert mesh axes ({n_batch}) "
+                f"MoE: batch size {b} must be divisible by the {_axes_text(token_axes)} ({n_tok}) "
                 "for expert parallelism; change the batch size or the mesh shape."
             )
-        if self.grouping == "position" and t % n_batch:
+        if self.grouping == "position" and t % n_tok:
             raise ValueError(
                 f"MoE: grouping='position' reshards tokens over the sequence, so the length {t} must "
-                f"be divisible by the data x expert mesh axes ({n_batch}); change the sequence "
+                f"be divisible by the {_axes_text(token_axes)} ({n_tok}); change the sequence "
                 "length or the mesh shape, or use grouping='sequence'."
             )
-        return batch_axes, model_axis
+        return token_axes, expert_axes, hidden_axes
 
-    def _expert_parallel(self, x, probs, valid, weights, gs, route, batch_axes, model_axis):
+    def _expert_parallel(self, x, probs, valid, weights, gs, route, token_axes, expert_axes, hidden_axes):
         """The `moe_groups` computation inside `jax.shard_map` with explicit all_to_alls."""
-        regroup = self.grouping == "position"  # position groups span the batch shards
+        regroup = self.grouping == "position"  # position groups span the token shards
         act = self.activation
+        ex, hid = dropless.spec_entry(expert_axes), dropless.spec_entry(hidden_axes)
 
         def body(x, probs, valid, w):
             def experts(xe):  # [E, G, C, d]: send each expert shard its experts' buffers
-                xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [E/n_e, n_e*G, C, d]
+                xe = jax.lax.all_to_all(xe, ex, 0, 1, tiled=True)  # [E/n_e, n_e*G, C, d]
                 ye = expert_mlp(xe, w, act)
-                if model_axis:
-                    ye = jax.lax.psum(ye, model_axis)  # sum the hidden-dim partials
-                return jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)
+                if hid:
+                    ye = jax.lax.psum(ye, hid)  # sum the hidden-dim partials
+                return jax.lax.all_to_all(ye, ex, 1, 0, tiled=True)
 
             if regroup:  # [B/n, T] -> [B, T/n]: whole position groups on each device
-                x = jax.lax.all_to_all(x, batch_axes, 1, 0, tiled=True)
+                x = jax.lax.all_to_all(x, token_axes, 1, 0, tiled=True)
                 # The mask rides along as one more float channel: one collective, no bool one.
                 pv = jnp.concatenate([probs, valid[..., None].astype(probs.dtype)], axis=-1)
-                pv = jax.lax.all_to_all(pv, batch_axes, 1, 0, tiled=True)
+                pv = jax.lax.all_to_all(pv, token_axes, 1, 0, tiled=True)
                 probs, valid = pv[..., :-1], pv[..., -1] > 0.5
             lb, lt = x.shape[:2]
             y, load, dropped, n_valid = moe_groups(
@@ -333,20 +346,22 @@ class MoE(nnx.Module):
             )
             y = from_groups(y, self.grouping, lb, lt).astype(x.dtype)  # send compute dtype back
             if regroup:
-                y = jax.lax.all_to_all(y, batch_axes, 0, 1, tiled=True)
-            stats = jax.lax.psum((load, dropped, n_valid), batch_axes)
+                y = jax.lax.all_to_all(y, token_axes, 0, 1, tiled=True)
+            stats = jax.lax.psum((load, dropped, n_valid), token_axes)
             return (y, *stats)
 
-        tok = P(batch_axes)
-        w_specs = {
-            "w_in": P("expert", None, model_axis),
-            "w_gate": P("expert", None, model_axis),
-            "w_out": P("expert", model_axis, None),
-        }
+        tok = P(token_axes)
+        w_specs = {"w_in": P(ex, None, hid), "w_gate": P(ex, None, hid), "w_out": P(ex, hid, None)}
         w_specs = {k: w_specs[k] for k in weights}
         return jax.shard_map(
             body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, P(), P(), P())
         )(x, probs, valid, weights)
+
+
+def _axes_text(axes: tuple[str, ...]) -> str:
+    """Error-message wording: "'expert' mesh axis", "'data' x 'expert' mesh axes"."""
+    names = " x ".join(repr(a) for a in axes)
+    return f"{names} mesh axis" if len(axes) <= 1 else f"{names} mesh axes"
 
 
 def _check(ok: bool, message: str) -> None:

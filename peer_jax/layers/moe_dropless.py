@@ -120,9 +120,18 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
-def _entry(axes: tuple[str, ...]):
+def spec_entry(axes: tuple[str, ...]):
     """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def expert_weight_axes(mesh, rules) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(expert axes, hidden axes) of the mesh that `rules` split the expert weights
+    ('experts', 'embed', 'moe_mlp') over; a mesh axis serves experts first."""
+    w_spec = shd.logical_to_spec(("experts", "embed", "moe_mlp"), rules)
+    expert_axes = tuple(a for a in _axes(w_spec[0]) if a in mesh.axis_names)
+    hidden_axes = tuple(a for a in _axes(w_spec[2]) if a in mesh.axis_names and a not in expert_axes)
+    return expert_axes, hidden_axes
 
 
 def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
@@ -133,9 +142,7 @@ def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
         return None
     rules = shd.current_rules() or shd.RULES_DEFAULT
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
-    w_spec = shd.logical_to_spec(("experts", "embed", "moe_mlp"), rules)
-    expert_axes = tuple(a for a in _axes(w_spec[0]) if a in mesh.axis_names)
-    hidden_axes = tuple(a for a in _axes(w_spec[2]) if a in mesh.axis_names and a not in expert_axes)
+    expert_axes, hidden_axes = expert_weight_axes(mesh, rules)
     if size(expert_axes) <= 1:
         return None
     tok = shd.logical_to_spec(("batch", "length"), rules)
@@ -154,7 +161,7 @@ def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"MoE (dropless, expert parallel): {message}; change the shapes or the mesh.")
-    return P(_entry(batch_axes), _entry(length_axes)), expert_axes, hidden_axes
+    return P(spec_entry(batch_axes), spec_entry(length_axes)), expert_axes, hidden_axes
 
 
 def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layout):
@@ -188,7 +195,7 @@ def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layou
         load = jax.lax.psum(load, tuple(dict.fromkeys(expert_axes + token_axes)))
         return y.reshape(lb, lt, d), load
 
-    ex, hid = _entry(expert_axes), _entry(hidden_axes)
+    ex, hid = spec_entry(expert_axes), spec_entry(hidden_axes)
     w_spec = {"w_in": P(ex, None, hid), "w_gate": P(ex, None, hid), "w_out": P(ex, hid, None)}
     tok = token_spec
     return jax.shard_map(
