@@ -73,6 +73,7 @@ from jax.sharding import PartitionSpec as P
 from peer_jax import sharding as shd
 from peer_jax.layers import activations, intermediates
 from peer_jax.layers import moe_dropless as dropless
+from peer_jax.layers.cost import FFWCount
 from peer_jax.layers.dense import default_mlp_dim
 from peer_jax.layers.moe_routing import (  # noqa: F401  (re-exported: the MoE's building blocks)
     expert_capacity,
@@ -356,6 +357,40 @@ class MoE(nnx.Module):
         return jax.shard_map(
             body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, P(), P(), P())
         )(x, probs, valid, weights)
+
+    # ------------------------------------------------------------------------ FLOPs
+    def routing_group_tokens(self, seq_len: int, batch_size: int | None) -> int:
+        """Tokens S per routing group of a buffered routing, for counting (no shape checks)."""
+        if self.grouping == "position":
+            if self.group_size is None and batch_size is None:
+                raise ValueError("MoE with grouping='position' routes over the batch: pass batch_size (sequences per "
+                                 "forward call, i.e. TrainConfig.batch_size / grad_accum_steps) to count its FLOPs.")
+            return self.group_size or batch_size
+        return self.group_size or seq_len
+
+    def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
+        """Router 2·d·E plus one expert MLP's FLOPs times the experts processed per token: E·C/S
+        for expert choice (the capacity's floor of 1 included), top_k for token choice and
+        dropless. Overhead: the one-hot dispatch/combine einsums (2·E·C·d each) and token
+        choice's unfilled slots; for dropless, the other E - 1 experts per routed pair where
+        `ragged_dot` runs dense (`moe_dropless.ragged_dot_is_dense`)."""
+        d, e, f = self.d_model, self.num_experts, self.mlp_dim
+        n_in = activations.input_projections(self.activation)
+        expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
+        if self.routing == "dropless":  # exactly top_k experts per token, no capacity
+            terms = {"moe_router": 2.0 * d * e, "moe_experts": self.top_k * expert_flops}
+            dense = dropless.ragged_dot_is_dense()
+            overhead = {"moe_ragged_dot_dense": (e - 1) * self.top_k * expert_flops} if dense else {}
+            return FFWCount(terms, overhead, d * e + self.top_k * (n_in + 1) * d * f)
+        s = self.routing_group_tokens(seq_len, batch_size)
+        c = self.capacity(s)
+        slots = e * c / s  # expert-MLP evaluations per token in the buffered computation
+        per_token = slots if self.routing == "expert_choice" else float(self.top_k)
+        terms = {"moe_router": 2.0 * d * e, "moe_experts": per_token * expert_flops}
+        overhead = {"moe_dispatch_combine": 2 * 2.0 * e * c * d}
+        if slots > per_token:
+            overhead["moe_empty_slots"] = (slots - per_token) * expert_flops
+        return FFWCount(terms, overhead, d * e + per_token * (n_in + 1) * d * f)
 
 
 def _axes_text(axes: tuple[str, ...]) -> str:
