@@ -67,8 +67,6 @@ import numpy as np
 from flax import nnx
 
 from peer_jax.layers.cost import CountsFlops, FFWCount
-from peer_jax.layers.moe import MoE
-from peer_jax.layers.moe_dropless import ragged_dot_is_dense
 from peer_jax.models.transformer import Transformer
 
 TRAIN_MULTIPLIER = 3.0
@@ -102,41 +100,11 @@ def abstract_transformer(vocab_size: int, factory: Callable = Transformer, **kwa
 # ----------------------------------------------------------------------------- FFW types
 
 
-def _moe_group_tokens(m, seq_len: int, batch_size: int | None) -> int:
-    if m.grouping == "position":
-        if m.group_size is None and batch_size is None:
-            raise ValueError("MoE with grouping='position' routes over the batch: pass batch_size (sequences per "
-                             "forward call, i.e. TrainConfig.batch_size / grad_accum_steps) to count its FLOPs.")
-        return m.group_size or batch_size
-    return m.group_size or seq_len
-
-
-def moe_ffw(m, *, seq_len: int, batch_size: int | None) -> FFWCount:
-    d, e, f = m.d_model, m.num_experts, m.mlp_dim
-    n_in = 2 if m.activation == "swiglu" else 1
-    expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
-    if m.routing == "dropless":  # exactly top_k experts per token, no capacity
-        terms = {"moe_router": 2.0 * d * e, "moe_experts": m.top_k * expert_flops}
-        overhead = {"moe_ragged_dot_dense": (e - 1) * m.top_k * expert_flops} if ragged_dot_is_dense() else {}
-        return FFWCount(terms, overhead, d * e + m.top_k * (n_in + 1) * d * f)
-    s = _moe_group_tokens(m, seq_len, batch_size)
-    c = m.capacity(s)
-    slots = e * c / s  # expert-MLP evaluations per token in the buffered computation
-    per_token = slots if m.routing == "expert_choice" else float(m.top_k)
-    terms = {"moe_router": 2.0 * d * e, "moe_experts": per_token * expert_flops}
-    overhead = {"moe_dispatch_combine": 2 * 2.0 * e * c * d}
-    if slots > per_token:
-        overhead["moe_empty_slots"] = (slots - per_token) * expert_flops
-    return FFWCount(terms, overhead, d * e + per_token * (n_in + 1) * d * f)
-
-
 def ffw_count(module: nnx.Module, *, seq_len: int, batch_size: int | None = None) -> FFWCount:
     """The layer's own count (``flop_count``, the protocol of ``layers/cost.py``): a layer says
     what it computes; nothing here looks at class names."""
     if isinstance(module, CountsFlops):
         return module.flop_count(seq_len=seq_len, batch_size=batch_size)
-    if isinstance(module, MoE):  # until MoE has its own flop_count (layers/moe.py is edited elsewhere)
-        return moe_ffw(module, seq_len=seq_len, batch_size=batch_size)
     raise ValueError(f"flops: the FFW {type(module).__name__} has no FLOP formula: give it a "
                      "`flop_count(*, seq_len, batch_size) -> FFWCount` method (peer_jax/layers/cost.py).")
 

@@ -19,7 +19,7 @@ from peer_jax.layers.moe import (
     to_groups,
     from_groups,
 )
-from peer_jax.sharding import RULES_DEFAULT, make_mesh, state_shardings
+from peer_jax.sharding import RULES_DATA_PARALLEL, RULES_DEFAULT, RULES_FSDP, make_mesh, state_shardings
 
 D, M, E, B, T = 8, 16, 8, 8, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -291,20 +291,19 @@ SHARDED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mesh_shape,kw", SHARDED_CASES)
-def test_expert_parallel_matches_reference_values_and_grads(mesh_shape, kw):
+def assert_expert_parallel_matches_reference(mesh_shape, rules, kw):
+    """Values, metrics and grads of the shard_map path (parameters placed by `rules`, as the
+    train state does) equal the single-device einsum reference; returns the sharded model."""
     x, mask = inputs(pad=0.25)
     ref_model = make(**kw)
     y_ref, m_ref, (g_params_ref, g_x_ref), _ = loss_and_grads(ref_model, x, mask)
 
     mesh = make_mesh(mesh_shape)
     model = make(**kw)
-    # Place parameters as the train state does: by their logical names under the default rules.
     params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.device_put(params, state_shardings(params, mesh, RULES_DEFAULT)))
-    assert model.w_in[...].sharding.spec == P("expert", None, "model")
-    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_DEFAULT):
+    nnx.update(model, jax.device_put(params, state_shardings(params, mesh, rules)))
+    xs = jax.device_put(x, NamedSharding(mesh, P(dict(rules)["batch"])))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         y, metrics, (g_params, g_x), hlo = loss_and_grads(model, xs, mask)
     assert "all_to_all" in hlo or "all-to-all" in hlo
 
@@ -317,6 +316,54 @@ def test_expert_parallel_matches_reference_values_and_grads(mesh_shape, kw):
     for k in flat_ref:
         assert np.any(np.asarray(flat_ref[k]) != 0), k
         np.testing.assert_allclose(flat[k], flat_ref[k], err_msg=k, **TOL)
+    return model
+
+
+@pytest.mark.parametrize("mesh_shape,kw", SHARDED_CASES)
+def test_expert_parallel_matches_reference_values_and_grads(mesh_shape, kw):
+    model = assert_expert_parallel_matches_reference(mesh_shape, RULES_DEFAULT, kw)
+    assert model.w_in[...].sharding.spec == P("expert", None, "model")
+
+
+def _rules(**changes):
+    return tuple((name, changes.get(name, axes)) for name, axes in RULES_DEFAULT)
+
+
+# mesh (data, expert, model), rules, layer settings, expected (token, expert, hidden) mesh axes
+RULES_CASES = {
+    # FSDP stores the weights' embed axis over 'data': the shard_map boundary regathers it.
+    "fsdp": ((2, 4, 1), RULES_FSDP, dict(capacity_factor=2.0), (("data", "expert"), ("expert",), ("model",))),
+    # 4-way expert parallelism over expert x model, hidden dims whole, tokens 8-way.
+    "experts-over-expert-model": (
+        (2, 2, 2), _rules(batch=("data", "expert", "model"), experts=("expert", "model"), moe_mlp=None),
+        dict(activation="swiglu"), (("data", "expert", "model"), ("expert", "model"), ())),
+    # Experts over 'data', hidden dims over 'expert': tokens only over 'data' (not over the
+    # hidden axis, whose psum adds partials of the same tokens).
+    "experts-over-data": (
+        (2, 4, 1), _rules(experts="data", moe_mlp="expert"), dict(capacity_factor=2.0),
+        (("data",), ("data",), ("expert",))),
+    # 'batch' leaves out the expert axis: the boundary splits tokens over it anyway.
+    "batch-over-data-only": (
+        (2, 4, 1), _rules(batch="data"), dict(routing="token_choice", top_k=2, capacity_factor=0.5),
+        (("data", "expert"), ("expert",), ("model",))),
+}
+
+
+@pytest.mark.parametrize("case", RULES_CASES)
+def test_expert_parallel_axes_come_from_the_rules(case):
+    mesh_shape, rules, kw, layout = RULES_CASES[case]
+    abstract = nnx.eval_shape(lambda: make(**kw))
+    with jax.set_mesh(make_mesh(mesh_shape)), nnx.logical_axis_rules(rules):
+        assert abstract._ep_layout(B, T) == layout
+    assert_expert_parallel_matches_reference(mesh_shape, rules, kw)
+
+
+def test_rules_that_do_not_split_experts_use_the_reference_path():
+    mesh, abstract = make_mesh((2, 4, 1)), nnx.eval_shape(make)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_DATA_PARALLEL):
+        assert abstract._ep_layout(B, T) is None
+    with jax.set_mesh(mesh):  # no rules in context: the default rules
+        assert abstract._ep_layout(B, T) == (("data", "expert"), ("expert",), ("model",))
 
 
 def test_params_shard_by_logical_rules():

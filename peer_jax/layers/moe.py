@@ -43,16 +43,20 @@ when the group has >= C valid tokens. Padding (mask False) is never routed and o
 
 Expert parallelism
 ------------------
-Without a mesh whose 'expert' axis is > 1 (or with ``expert_parallel=False``) the plain
-einsum reference runs: dispatch/combine tensors of shape [G, S, E, C] (one-hot, MXU-friendly,
-the GShard/MaxText "dense" formulation). Under such a mesh the same routing and einsums run
-inside `jax.shard_map` with a fixed layout: tokens split over ('data', 'expert'), experts over
-'expert', each expert's hidden dim over 'model'. Expert buffers [E, G, C, d] go through
-`all_to_all` over 'expert' (split E, gather groups), each device runs its E/n_e experts on its
-1/n_m slice of the hidden dim, a `psum` over 'model' sums the hidden-dim partials, and a
-second `all_to_all` returns the results. Parameters stored with another layout (e.g. FSDP's
-'embed' -> 'data') are resharded by the shard_map boundary. The router (d x E, tiny) runs
-outside the shard_map on the auto-sharded batch, so its losses are global over the call.
+Mesh axes come from the logical rules in context (`current_rules()`, else `RULES_DEFAULT`):
+experts over the axes of 'experts', each expert's hidden dim over those of 'moe_mlp' (less the
+expert axes), tokens over those of 'batch' plus every expert axis (less the hidden axes).
+Under the default rules: experts over 'expert', hidden dim over 'model', tokens over
+('data', 'expert'). Without a mesh whose expert axes split experts (or with
+``expert_parallel=False``) the plain einsum reference runs: dispatch/combine tensors of shape
+[G, S, E, C] (one-hot, MXU-friendly, the GShard/MaxText "dense" formulation). Otherwise the
+same routing and einsums run inside `jax.shard_map`: expert buffers [E, G, C, d] go through
+`all_to_all` over the expert axes (split E, gather groups), each device runs its E/n_e experts
+on its 1/n_m slice of the hidden dim, a `psum` over the hidden axes sums the hidden-dim
+partials, and a second `all_to_all` returns the results. Tokens or parameters laid out
+otherwise (rules whose 'batch' leaves out an expert axis, FSDP's 'embed' -> 'data') are
+resharded by the shard_map boundary. The router (d x E, tiny) runs outside the shard_map on
+the auto-sharded batch, so its losses are global over the call.
 """
 
 from __future__ import annotations
@@ -66,13 +70,25 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from peer_jax.layers import intermediates
+from peer_jax import sharding as shd
+from peer_jax.layers import activations, intermediates
 from peer_jax.layers import moe_dropless as dropless
-from peer_jax.sharding import constrain, mesh_axis_size
+from peer_jax.layers.cost import FFWCount
+from peer_jax.layers.dense import default_mlp_dim
+from peer_jax.layers.moe_routing import (  # noqa: F401  (re-exported: the MoE's building blocks)
+    expert_capacity,
+    expert_choice_routing,
+    expert_mlp,
+    from_groups,
+    load_balancing_loss,
+    moe_groups,
+    router_z_loss,
+    to_groups,
+    token_choice_routing,
+)
 
 ROUTINGS = ("expert_choice", "token_choice", "dropless")
 GROUPINGS = ("position", "sequence")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 Initializer = Callable[..., jax.Array]
 # Each expert is a dense layer batched over experts: fan-in is the d (or m) axis, not E.
@@ -81,131 +97,6 @@ DEFAULT_KERNEL_INIT = jax.nn.initializers.variance_scaling(
 )
 # Switch Transformer: a small router init keeps early routing near uniform and stable.
 DEFAULT_ROUTER_INIT = jax.nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-
-
-def expert_capacity(group_tokens: int, num_experts: int, capacity_factor: float, top_k: int = 1) -> int:
-    """Slots per expert per routing group: round_half_up(cf * k * S / E), in [1, S].
-
-    Rounding half up (not Python's banker's rounding) keeps C monotone in S; the floor of 1
-    means that for S < E / (cf * k) the effective capacity factor is E / (k * S) > cf, which
-    FLOP accounting must use (expected experts per token = E * C / S).
-    """
-    c = math.floor(capacity_factor * top_k * group_tokens / num_experts + 0.5)
-    return int(min(max(c, 1), group_tokens))
-
-
-# ----------------------------------------------------------------------------- grouping
-def to_groups(a: jax.Array, grouping: str, group_size: int) -> jax.Array:
-    """[B, T, ...] -> [G, S, ...] routing groups (see the module docstring)."""
-    b, t, rest = a.shape[0], a.shape[1], a.shape[2:]
-    if grouping == "sequence":
-        return a.reshape(b * (t // group_size), group_size, *rest)
-    a = a.reshape(b // group_size, group_size, t, *rest)
-    a = jnp.moveaxis(a, 2, 0)  # [T, B/S, S, ...]
-    return a.reshape(t * (b // group_size), group_size, *rest)
-
-
-def from_groups(a: jax.Array, grouping: str, batch: int, length: int) -> jax.Array:
-    """Inverse of `to_groups`."""
-    rest = a.shape[2:]
-    if grouping == "sequence":
-        return a.reshape(batch, length, *rest)
-    s = a.shape[1]
-    a = a.reshape(length, batch // s, s, *rest)
-    return jnp.moveaxis(a, 0, 2).reshape(batch, length, *rest)
-
-
-# ------------------------------------------------------------------------------ routing
-def expert_choice_routing(probs: jax.Array, valid: jax.Array, capacity: int):
-    """Each expert takes the `capacity` valid tokens of a group with the highest router prob.
-
-    probs [G, S, E] (softmax over experts), valid [G, S] -> dispatch, combine [G, S, E, C]:
-    dispatch is the 0/1 slot assignment, combine = dispatch * gate (the router prob).
-    Invalid tokens score -1 < any prob, so they are taken only when fewer than C valid tokens
-    exist, and those slots are then emptied: padding never takes capacity.
-    """
-    s = probs.shape[1]
-    scores = jnp.where(valid[..., None], probs, -1.0)
-    gates, idx = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [G, E, C]
-    taken = gates >= 0.0
-    dispatch = jax.nn.one_hot(idx, s, dtype=probs.dtype) * taken[..., None]  # [G, E, C, S]
-    dispatch = jax.lax.stop_gradient(jnp.moveaxis(dispatch, 3, 1))  # [G, S, E, C]
-    combine = dispatch * jnp.where(taken, gates, 0.0)[:, None]
-    return dispatch, combine
-
-
-def token_choice_routing(probs: jax.Array, valid: jax.Array, top_k: int, capacity: int, renormalize: bool):
-    """Each token picks its top-k experts; an expert keeps the first `capacity` arrivals.
-
-    Arrival order is token-major (position, then k-th choice), so a token's slot never depends
-    on later tokens. Gates are the top-k probs, renormalised to sum to 1 when `renormalize`.
-    Returns dispatch, combine [G, S, E, C] as in `expert_choice_routing`.
-    """
-    g, s, e = probs.shape
-    gates, experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
-    if renormalize:
-        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    choice = jax.nn.one_hot(experts, e, dtype=probs.dtype) * valid[..., None, None]  # [G,S,K,E]
-    flat = choice.reshape(g, s * top_k, e)
-    position = (jnp.cumsum(flat, axis=1) - 1.0) * flat  # slot index where chosen, else 0
-    position = position.reshape(g, s, top_k, e).sum(axis=2).astype(jnp.int32)  # k choices distinct
-    chosen = choice.sum(axis=2)  # [G, S, E] in {0, 1}
-    kept = chosen * (position < capacity)
-    dispatch = jax.lax.stop_gradient(jax.nn.one_hot(position, capacity, dtype=probs.dtype) * kept[..., None])
-    gate = jnp.sum(choice * gates[..., None], axis=2)  # [G, S, E]
-    return dispatch, dispatch * gate[..., None]
-
-
-def load_balancing_loss(probs: jax.Array, valid: jax.Array, top_k: int) -> jax.Array:
-    """Switch/GShard loss E * sum_e f_e * P_e over valid tokens (1 when routing is uniform).
-
-    f_e = share of the k * N top-k assignments (before capacity) that go to e, P_e = mean
-    router prob of e. Its minimum, 1, is reached when either is uniform.
-    """
-    e = probs.shape[-1]
-    v = valid.astype(jnp.float32)[..., None]
-    n = jnp.maximum(jnp.sum(v), 1.0)
-    _, experts = jax.lax.top_k(probs, top_k)
-    assigned = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=-2) * v
-    f = jnp.sum(assigned, axis=tuple(range(assigned.ndim - 1))) / (n * top_k)
-    p = jnp.sum(probs * v, axis=tuple(range(probs.ndim - 1))) / n
-    return e * jnp.sum(jax.lax.stop_gradient(f) * p)
-
-
-def router_z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
-    """ST-MoE z-loss: mean over valid tokens of logsumexp(logits)^2 (keeps logits small)."""
-    z = jax.nn.logsumexp(logits, axis=-1) ** 2
-    v = valid.astype(jnp.float32)
-    return jnp.sum(z * v) / jnp.maximum(jnp.sum(v), 1.0)
-
-
-# ------------------------------------------------------------------------------ experts
-def expert_mlp(xe: jax.Array, w: dict[str, jax.Array], activation: str) -> jax.Array:
-    """Runs each expert's MLP on its buffer: xe [E, G, C, d] -> [E, G, C, d] (no biases)."""
-    h = jnp.einsum("egcd,edm->egcm", xe, w["w_in"])
-    if activation == "swiglu":
-        h = jax.nn.silu(jnp.einsum("egcd,edm->egcm", xe, w["w_gate"])) * h
-    elif activation == "gelu":
-        h = jax.nn.gelu(h)
-    else:
-        h = jax.nn.relu(h)
-    return jnp.einsum("egcm,emd->egcd", h, w["w_out"])
-
-
-def moe_groups(xg, probs, valid, route: Callable, experts: Callable):
-    """Route, dispatch, run experts, combine, for grouped tokens xg [G, S, d].
-
-    Returns y [G, S, d] (float32), per-expert load [E], and the counts of valid tokens that
-    got no expert and of valid tokens (float32 scalars), all summed over this call's groups.
-    """
-    dispatch, combine = route(probs, valid)
-    xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(xg.dtype), xg)
-    ye = experts(xe)
-    y = jnp.einsum("gsec,egcd->gsd", combine.astype(ye.dtype), ye, preferred_element_type=jnp.float32)
-    load = jnp.sum(dispatch, axis=(0, 1, 3))
-    routed = jnp.sum(dispatch, axis=(2, 3)) > 0
-    dropped = jnp.sum(valid & ~routed).astype(jnp.float32)
-    return y, load, dropped, jnp.sum(valid).astype(jnp.float32)
 
 
 class MoE(nnx.Module):
@@ -241,8 +132,8 @@ class MoE(nnx.Module):
     ):
         """Settings that need a word (the rest are in the module docstring):
 
-        mlp_dim: per expert; None = DenseFFW's default (4 * d_model, 8/3 * d_model for SwiGLU),
-            so each expert is exactly the dense FFW it replaces.
+        mlp_dim: per expert; None = `dense.default_mlp_dim` (DenseFFW's default), so each
+            expert is exactly the dense FFW it replaces.
         top_k, renormalize_top_k, aux_loss_weight: token choice and dropless only (expert choice
             is balanced by construction and needs no load-balancing loss).
         capacity_factor, grouping, group_size: the buffered routings only (not dropless).
@@ -252,8 +143,8 @@ class MoE(nnx.Module):
         z_loss_weight: router z-loss for both routings; it only keeps router logits small.
         expert_parallel: use the shard_map path when a mesh with 'expert' > 1 is in context.
         """
-        if mlp_dim is None:  # the dense FFW's own default (DenseFFW): each expert is that MLP
-            mlp_dim = 4 * d_model if activation != "swiglu" else 8 * ((8 * d_model // 3 + 7) // 8)
+        if mlp_dim is None:  # each expert is the dense FFW it replaces
+            mlp_dim = default_mlp_dim(d_model, activation)
         dropless_ = routing == "dropless"
         _check(
             not dropless_ or (grouping is None and group_size is None),
@@ -265,7 +156,8 @@ class MoE(nnx.Module):
         _check(d_model >= 1, f"MoE: d_model={d_model} must be >= 1.")
         _check(num_experts >= 1, f"MoE: num_experts={num_experts} must be >= 1 (the paper uses 128).")
         _check(mlp_dim >= 1, f"MoE: mlp_dim={mlp_dim} must be >= 1 (default 4 * d_model).")
-        _check(activation in ACTIVATIONS, f"MoE: activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
+        _check(activation in activations.names(),
+               f"MoE: activation={activation!r} is unknown; use one of {activations.names()}.")
         _check(routing in ROUTINGS, f"MoE: routing={routing!r} is unknown; use one of {ROUTINGS}.")
         _check(dropless_ or grouping in GROUPINGS, f"MoE: grouping={grouping!r} is unknown; use one of {GROUPINGS}.")
         _check(
@@ -295,7 +187,7 @@ class MoE(nnx.Module):
         self.w_in = nnx.Param(kernel_init(rngs.params(), (e, d, m), param_dtype), out_sharding=in_names)
         self.w_gate = (
             nnx.Param(kernel_init(rngs.params(), (e, d, m), param_dtype), out_sharding=in_names)
-            if activation == "swiglu"
+            if activations.is_gated(activation)
             else None
         )
         self.w_out = nnx.Param(kernel_init(rngs.params(), (e, m, d), param_dtype), out_sharding=out_names)
@@ -361,7 +253,7 @@ class MoE(nnx.Module):
                 route,
                 lambda xe: expert_mlp(xe, weights, self.activation),
             )
-            y = constrain(from_groups(y, self.grouping, b, t), ("batch", "length", "embed"))
+            y = shd.constrain(from_groups(y, self.grouping, b, t), ("batch", "length", "embed"))
 
         intermediates.sow(self, "aux_loss", aux.astype(jnp.float32))
         intermediates.sow(self, "expert_load", load.astype(jnp.float32))
@@ -381,60 +273,69 @@ class MoE(nnx.Module):
                 x.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), valid.reshape(b * t),
                 weights, self.activation,
             )
-            y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+            y = shd.constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         return y, load, jnp.zeros((), jnp.float32), jnp.sum(valid).astype(jnp.float32)
 
-    def _ep_layout(self, b: int, t: int) -> tuple[tuple[str, ...], str | None] | None:
-        """(batch mesh axes, model axis) for the expert-parallel path, or None for the
-        reference path; checks that the shapes split evenly over the mesh in context."""
-        if not self.expert_parallel or mesh_axis_size("expert") <= 1:
-            return None
+    def _ep_layout(self, b: int, t: int):
+        """(token axes, expert axes, hidden axes) of the mesh in context for the expert-parallel
+        path, from the logical rules in context (else `RULES_DEFAULT`), or None for the
+        reference path; checks that the shapes split evenly over those axes."""
         mesh = jax.sharding.get_abstract_mesh()
-        batch_axes = tuple(a for a in ("data", "expert") if a in mesh.axis_names)
-        model_axis = "model" if "model" in mesh.axis_names else None
-        n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-        n_exp, n_model = mesh.shape["expert"], mesh.shape[model_axis] if model_axis else 1
+        if not self.expert_parallel or mesh.empty:
+            return None
+        rules = shd.current_rules() or shd.RULES_DEFAULT
+        expert_axes, hidden_axes = dropless.expert_weight_axes(mesh, rules)
+        size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+        if size(expert_axes) <= 1:
+            return None
+        # Tokens split over the 'batch' axes and every expert axis (the dispatch all_to_all
+        # trades token shards for expert shards), never over a hidden axis (its psum adds
+        # partial sums of the same tokens).
+        batch_axes = shd.mesh_axes("batch", mesh, rules)
+        token_axes = tuple(dict.fromkeys(a for a in batch_axes + expert_axes if a not in hidden_axes))
+        n_exp, n_hidden, n_tok = size(expert_axes), size(hidden_axes), size(token_axes)
         if self.num_experts % n_exp:
             raise ValueError(
-                f"MoE: num_experts={self.num_experts} must be divisible by the 'expert' mesh axis "
+                f"MoE: num_experts={self.num_experts} must be divisible by the {_axes_text(expert_axes)} "
                 f"({n_exp}); change `num_experts` or the mesh shape."
             )
-        if self.mlp_dim % n_model:
+        if self.mlp_dim % n_hidden:
             raise ValueError(
-                f"MoE: mlp_dim={self.mlp_dim} must be divisible by the 'model' mesh axis ({n_model}); "
+                f"MoE: mlp_dim={self.mlp_dim} must be divisible by the {_axes_text(hidden_axes)} ({n_hidden}); "
                 "change `mlp_dim` or the mesh shape."
             )
-        if b % n_batch:
+        if b % n_tok:
             raise ValueError(
-                f"MoE: batch size {b} must be divisible by the data x expert mesh axes ({n_batch}) "
+                f"MoE: batch size {b} must be divisible by the {_axes_text(token_axes)} ({n_tok}) "
                 "for expert parallelism; change the batch size or the mesh shape."
             )
-        if self.grouping == "position" and t % n_batch:
+        if self.grouping == "position" and t % n_tok:
             raise ValueError(
                 f"MoE: grouping='position' reshards tokens over the sequence, so the length {t} must "
-                f"be divisible by the data x expert mesh axes ({n_batch}); change the sequence "
+                f"be divisible by the {_axes_text(token_axes)} ({n_tok}); change the sequence "
                 "length or the mesh shape, or use grouping='sequence'."
             )
-        return batch_axes, model_axis
+        return token_axes, expert_axes, hidden_axes
 
-    def _expert_parallel(self, x, probs, valid, weights, gs, route, batch_axes, model_axis):
+    def _expert_parallel(self, x, probs, valid, weights, gs, route, token_axes, expert_axes, hidden_axes):
         """The `moe_groups` computation inside `jax.shard_map` with explicit all_to_alls."""
-        regroup = self.grouping == "position"  # position groups span the batch shards
+        regroup = self.grouping == "position"  # position groups span the token shards
         act = self.activation
+        ex, hid = dropless.spec_entry(expert_axes), dropless.spec_entry(hidden_axes)
 
         def body(x, probs, valid, w):
             def experts(xe):  # [E, G, C, d]: send each expert shard its experts' buffers
-                xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [E/n_e, n_e*G, C, d]
+                xe = jax.lax.all_to_all(xe, ex, 0, 1, tiled=True)  # [E/n_e, n_e*G, C, d]
                 ye = expert_mlp(xe, w, act)
-                if model_axis:
-                    ye = jax.lax.psum(ye, model_axis)  # sum the hidden-dim partials
-                return jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)
+                if hid:
+                    ye = jax.lax.psum(ye, hid)  # sum the hidden-dim partials
+                return jax.lax.all_to_all(ye, ex, 1, 0, tiled=True)
 
             if regroup:  # [B/n, T] -> [B, T/n]: whole position groups on each device
-                x = jax.lax.all_to_all(x, batch_axes, 1, 0, tiled=True)
+                x = jax.lax.all_to_all(x, token_axes, 1, 0, tiled=True)
                 # The mask rides along as one more float channel: one collective, no bool one.
                 pv = jnp.concatenate([probs, valid[..., None].astype(probs.dtype)], axis=-1)
-                pv = jax.lax.all_to_all(pv, batch_axes, 1, 0, tiled=True)
+                pv = jax.lax.all_to_all(pv, token_axes, 1, 0, tiled=True)
                 probs, valid = pv[..., :-1], pv[..., -1] > 0.5
             lb, lt = x.shape[:2]
             y, load, dropped, n_valid = moe_groups(
@@ -446,20 +347,56 @@ class MoE(nnx.Module):
             )
             y = from_groups(y, self.grouping, lb, lt).astype(x.dtype)  # send compute dtype back
             if regroup:
-                y = jax.lax.all_to_all(y, batch_axes, 0, 1, tiled=True)
-            stats = jax.lax.psum((load, dropped, n_valid), batch_axes)
+                y = jax.lax.all_to_all(y, token_axes, 0, 1, tiled=True)
+            stats = jax.lax.psum((load, dropped, n_valid), token_axes)
             return (y, *stats)
 
-        tok = P(batch_axes)
-        w_specs = {
-            "w_in": P("expert", None, model_axis),
-            "w_gate": P("expert", None, model_axis),
-            "w_out": P("expert", model_axis, None),
-        }
+        tok = P(token_axes)
+        w_specs = {"w_in": P(ex, None, hid), "w_gate": P(ex, None, hid), "w_out": P(ex, hid, None)}
         w_specs = {k: w_specs[k] for k in weights}
         return jax.shard_map(
             body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, P(), P(), P())
         )(x, probs, valid, weights)
+
+    # ------------------------------------------------------------------------ FLOPs
+    def routing_group_tokens(self, seq_len: int, batch_size: int | None) -> int:
+        """Tokens S per routing group of a buffered routing, for counting (no shape checks)."""
+        if self.grouping == "position":
+            if self.group_size is None and batch_size is None:
+                raise ValueError("MoE with grouping='position' routes over the batch: pass batch_size (sequences per "
+                                 "forward call, i.e. TrainConfig.batch_size / grad_accum_steps) to count its FLOPs.")
+            return self.group_size or batch_size
+        return self.group_size or seq_len
+
+    def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
+        """Router 2·d·E plus one expert MLP's FLOPs times the experts processed per token: E·C/S
+        for expert choice (the capacity's floor of 1 included), top_k for token choice and
+        dropless. Overhead: the one-hot dispatch/combine einsums (2·E·C·d each) and token
+        choice's unfilled slots; for dropless, the other E - 1 experts per routed pair where
+        `ragged_dot` runs dense (`moe_dropless.ragged_dot_is_dense`)."""
+        d, e, f = self.d_model, self.num_experts, self.mlp_dim
+        n_in = activations.input_projections(self.activation)
+        expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
+        if self.routing == "dropless":  # exactly top_k experts per token, no capacity
+            terms = {"moe_router": 2.0 * d * e, "moe_experts": self.top_k * expert_flops}
+            dense = dropless.ragged_dot_is_dense()
+            overhead = {"moe_ragged_dot_dense": (e - 1) * self.top_k * expert_flops} if dense else {}
+            return FFWCount(terms, overhead, d * e + self.top_k * (n_in + 1) * d * f)
+        s = self.routing_group_tokens(seq_len, batch_size)
+        c = self.capacity(s)
+        slots = e * c / s  # expert-MLP evaluations per token in the buffered computation
+        per_token = slots if self.routing == "expert_choice" else float(self.top_k)
+        terms = {"moe_router": 2.0 * d * e, "moe_experts": per_token * expert_flops}
+        overhead = {"moe_dispatch_combine": 2 * 2.0 * e * c * d}
+        if slots > per_token:
+            overhead["moe_empty_slots"] = (slots - per_token) * expert_flops
+        return FFWCount(terms, overhead, d * e + per_token * (n_in + 1) * d * f)
+
+
+def _axes_text(axes: tuple[str, ...]) -> str:
+    """Error-message wording: "'expert' mesh axis", "'data' x 'expert' mesh axes"."""
+    names = " x ".join(repr(a) for a in axes)
+    return f"{names} mesh axis" if len(axes) <= 1 else f"{names} mesh axes"
 
 
 def _check(ok: bool, message: str) -> None:

@@ -54,19 +54,13 @@ all-to-all (MaxText's choice) moves less data.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from peer_jax import sharding as shd
-
-
-def _activate(h_in: jax.Array, h_gate: jax.Array | None, activation: str) -> jax.Array:
-    if activation == "swiglu":
-        return jax.nn.silu(h_gate) * h_in
-    return jax.nn.gelu(h_in) if activation == "gelu" else jax.nn.relu(h_in)
+from peer_jax.layers.moe_routing import expert_hidden
 
 
 def ragged_dot_is_dense(backend: str | None = None) -> bool:
@@ -87,9 +81,7 @@ def grouped_expert_mlp(xs: jax.Array, w: dict[str, jax.Array], group_sizes: jax.
     """Expert MLPs on rows sorted by expert: xs [R, d], w[...] [E_loc, ...] -> [R, d] float32.
 
     Rows past sum(group_sizes) belong to no group; `ragged_dot` leaves them zero."""
-    h = jax.lax.ragged_dot(xs, w["w_in"], group_sizes)
-    h_gate = jax.lax.ragged_dot(xs, w["w_gate"], group_sizes) if activation == "swiglu" else None
-    h = _activate(h, h_gate, activation)
+    h = expert_hidden(activation, lambda name: jax.lax.ragged_dot(xs, w[name], group_sizes))
     return jax.lax.ragged_dot(h, w["w_out"], group_sizes, preferred_element_type=jnp.float32)
 
 
@@ -118,10 +110,8 @@ def dropless_reference(x, router, w, valid, *, top_k: int, renormalize: bool, ac
     probs = jax.nn.softmax(jnp.einsum("nd,de->ne", x.astype(jnp.float32), router.astype(jnp.float32)), axis=-1)
     experts, gates = top_k_routing(probs, valid, top_k, renormalize)
     combine = jnp.einsum("nke,nk->ne", jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32), gates)
-    h = jnp.einsum("nd,edm->nem", x, w["w_in"])
-    h_gate = jnp.einsum("nd,edm->nem", x, w["w_gate"]) if activation == "swiglu" else None
-    ye = jnp.einsum("nem,emd->ned", _activate(h, h_gate, activation), w["w_out"],
-                    preferred_element_type=jnp.float32)
+    h = expert_hidden(activation, lambda name: jnp.einsum("nd,edm->nem", x, w[name]))
+    ye = jnp.einsum("nem,emd->ned", h, w["w_out"], preferred_element_type=jnp.float32)
     return jnp.einsum("ned,ne->nd", ye, combine)
 
 
@@ -130,18 +120,18 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
-def _entry(axes: tuple[str, ...]):
+def spec_entry(axes: tuple[str, ...]):
     """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
     return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
-def _vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
-    """Marks x as varying over `axes` inside shard_map (so mixed operands type-check)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; older: aval.vma
-    have = frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-    missing = tuple(a for a in axes if a not in have)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+def expert_weight_axes(mesh, rules) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(expert axes, hidden axes) of the mesh that `rules` split the expert weights
+    ('experts', 'embed', 'moe_mlp') over; a mesh axis serves experts first."""
+    w_spec = shd.logical_to_spec(("experts", "embed", "moe_mlp"), rules)
+    expert_axes = tuple(a for a in _axes(w_spec[0]) if a in mesh.axis_names)
+    hidden_axes = tuple(a for a in _axes(w_spec[2]) if a in mesh.axis_names and a not in expert_axes)
+    return expert_axes, hidden_axes
 
 
 def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
@@ -152,9 +142,7 @@ def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
         return None
     rules = shd.current_rules() or shd.RULES_DEFAULT
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
-    w_spec = shd.logical_to_spec(("experts", "embed", "moe_mlp"), rules)
-    expert_axes = tuple(a for a in _axes(w_spec[0]) if a in mesh.axis_names)
-    hidden_axes = tuple(a for a in _axes(w_spec[2]) if a in mesh.axis_names and a not in expert_axes)
+    expert_axes, hidden_axes = expert_weight_axes(mesh, rules)
     if size(expert_axes) <= 1:
         return None
     tok = shd.logical_to_spec(("batch", "length"), rules)
@@ -173,7 +161,7 @@ def ep_layout(num_experts: int, mlp_dim: int, batch: int, length: int):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"MoE (dropless, expert parallel): {message}; change the shapes or the mesh.")
-    return P(_entry(batch_axes), _entry(length_axes)), expert_axes, hidden_axes
+    return P(spec_entry(batch_axes), spec_entry(length_axes)), expert_axes, hidden_axes
 
 
 def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layout):
@@ -196,8 +184,8 @@ def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layou
         first = jax.lax.axis_index(expert_axes) * e_loc
         # Tokens are replicated over the hidden axes and weights over the token axes: mark
         # both varying over everything, so the transposes sum grads over what they miss.
-        w = {k: _vary(v, all_axes) for k, v in w.items()}
-        y, load = dropless_local(_vary(xf, all_axes), ef, _vary(gf, all_axes), vf, w, activation, first)
+        w = {k: shd.vary(v, all_axes) for k, v in w.items()}
+        y, load = dropless_local(shd.vary(xf, all_axes), ef, shd.vary(gf, all_axes), vf, w, activation, first)
         if gathered:
             y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
         if summed or hidden_axes:
@@ -207,7 +195,7 @@ def dropless_expert_parallel(x, experts, gates, valid, w, activation: str, layou
         load = jax.lax.psum(load, tuple(dict.fromkeys(expert_axes + token_axes)))
         return y.reshape(lb, lt, d), load
 
-    ex, hid = _entry(expert_axes), _entry(hidden_axes)
+    ex, hid = spec_entry(expert_axes), spec_entry(hidden_axes)
     w_spec = {"w_in": P(ex, None, hid), "w_gate": P(ex, None, hid), "w_out": P(ex, hid, None)}
     tok = token_spec
     return jax.shard_map(
