@@ -91,8 +91,7 @@ class _Pod:
             beat += 1
             try:
                 self.client.key_value_set(f"{_KV}/alive/{self.me}", str(beat), allow_overwrite=True)
-                alive = {int(k.rsplit("/", 1)[-1]): v for k, v in self.client.key_value_dir_get(f"{_KV}/alive/")}
-                failed = {int(k.rsplit("/", 1)[-1]): v for k, v in self.client.key_value_dir_get(f"{_KV}/failed/")}
+                entries = self.client.key_value_dir_get(f"{_KV}/")  # one read: alive, failed, done
                 unreachable_since = None
             except Exception as e:  # noqa: BLE001 - the coordination service itself is gone
                 if self._stop.is_set():
@@ -103,6 +102,7 @@ class _Pod:
                     self._die(f"lost the coordinator {self.describe(0)} at {self.coordinator}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
+            alive, failed, done = _by_process(entries, "alive"), _by_process(entries, "failed"), _by_process(entries, "done")
             failed.pop(self.me, None)
             if failed:
                 i, why = sorted(failed.items())[0]
@@ -111,7 +111,8 @@ class _Pod:
             for i in range(self.n):
                 if alive.get(i) != seen[i][0]:
                     seen[i] = (alive.get(i), now)
-            lost = [i for i in range(self.n) if i != self.me and now - seen[i][1] > self.host_timeout_s]
+            lost = [i for i in range(self.n)
+                    if i != self.me and i not in done and now - seen[i][1] > self.host_timeout_s]
             if lost and not self._stop.is_set():
                 self._die(", ".join(self.describe(i) for i in lost)
                           + f": no sign of life for {self.host_timeout_s:.0f} s (killed, crashed or unreachable)")
@@ -126,6 +127,13 @@ class _Pod:
             time.sleep(3.0)
         os._exit(EXIT_HOST_LOST)
 
+    def announce_done(self) -> None:
+        """This host finished normally: its silence from now on is not a loss."""
+        try:
+            self.client.key_value_set(f"{_KV}/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
     def announce_failure(self, message: str) -> None:
         """Tells the other hosts (through their watchdogs) that this one is exiting with an error."""
         try:
@@ -136,6 +144,16 @@ class _Pod:
 
 
 _POD: _Pod | None = None
+
+
+def _by_process(entries, kind: str) -> dict[int, str]:
+    """{process: value} of the `peer_jax/<kind>/<process>` keys among `entries`."""
+    out = {}
+    for key, value in entries:
+        parts = key.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == kind and parts[-1].isdigit():
+            out[int(parts[-1])] = value
+    return out
 
 
 def initialize(args: argparse.Namespace) -> None:
@@ -166,7 +184,7 @@ def initialize(args: argparse.Namespace) -> None:
     _POD = _Pod(state.client, jax.process_index(), jax.process_count(), state.coordinator_address,
                 args.host_timeout_s)
     _POD.register(args.coordinator_timeout_s)
-    _POD.start_watchdog()
+    _POD.start_watchdog(interval_s=max(1.0, _POD.n / 64))  # the coordinator serves every host each tick
     log.info("pod: %s; coordinator %s", ", ".join(_POD.describe(i) for i in range(_POD.n)), _POD.coordinator)
 
 
@@ -227,6 +245,7 @@ def finish(status: int, message: str | None = None, *, grace_s: float = 0.0) -> 
         sys.stderr.flush()
         os._exit(status)
     if _POD is not None:
+        _POD.announce_done()
         _POD.stop_watchdog()
     return status
 
