@@ -6,8 +6,11 @@ point, with `TrainConfig.num_steps = round(budget / (train FLOPs per token · ba
 
 Methods (He 2024, "Mixture of A Million Experts", isoFLOP study): the sparse layer replaces
 the FFW of the middle block only (`Transformer.sparse_blocks = "middle"`).
-  dense  every block dense (configs/models/dense.gin)
-  moe    128 experts, each the size of the dense MLP, expert-choice routing
+  dense         every block dense (configs/models/dense.gin)
+  moe_dropless  128 experts, each the size of the dense MLP, dropless token choice, top-1: the
+                study's MoE row (FLOP-matched to dense: one expert per token, nothing dropped)
+  moe           128 experts, each the size of the dense MLP, expert-choice routing (the paper's
+                stated setting; kept as a second, separately labelled MoE row)
   pkm    1024² memories, h = 8 heads, top-k 32, query BatchNorm
   peer   1024² single-neuron experts, h = 8 heads, top-k 16, query BatchNorm
 The model gin file of a method sets everything else about its layer (d_key, activation,
@@ -58,12 +61,14 @@ def _shapes(*triples) -> tuple[Shape, ...]:
     return tuple(Shape(*t) for t in triples)
 
 
-def _methods(model_files: dict[str, str], moe: dict, pkm: dict, peer: dict) -> tuple[Method, ...]:
+def _methods(model_files: dict[str, str], moe: dict, moe_dropless: dict, pkm: dict, peer: dict
+             ) -> tuple[Method, ...]:
     def b(prefix, kw):
         return tuple((f"{prefix}.{k}", v) for k, v in kw.items())
 
     return (
         Method("dense", model_files["dense"]),
+        Method("moe_dropless", model_files["moe_dropless"], ("peer_jax.layers.moe",), b("moe.MoE", moe_dropless)),
         Method("moe", model_files["moe"], ("peer_jax.layers.moe",), b("moe.MoE", moe)),
         Method("pkm", model_files["pkm"], ("peer_jax.layers.pkm",), b("pkm.PKM", pkm)),
         Method("peer", model_files["peer"], ("peer_jax.layers.peer",), b("peer.PEER", peer)),
@@ -82,9 +87,11 @@ PAPER = Grid(
     name="paper",
     budgets={6e18: PAPER_SHAPES[:7], 2e19: PAPER_SHAPES[1:]},
     methods=_methods(
-        {"dense": "configs/models/dense.gin", "moe": "configs/models/moe.gin", "pkm": "configs/models/pkm.gin",
+        {"dense": "configs/models/dense.gin", "moe": "configs/models/moe.gin",
+         "moe_dropless": "configs/models/moe_dropless.gin", "pkm": "configs/models/pkm.gin",
          "peer": "configs/models/peer.gin"},
         moe=dict(num_experts=128, routing="expert_choice", capacity_factor=1.0),
+        moe_dropless=dict(num_experts=128, routing="dropless", top_k=1),
         pkm=dict(num_experts=1024**2, heads=8, top_k=32, query_batchnorm=True),
         peer=dict(num_experts=1024**2, heads=8, top_k=16, query_batchnorm=True),
     ),
@@ -122,8 +129,10 @@ MINI = Grid(
     budgets={1e12: MINI_SHAPES[:5], 3e12: MINI_SHAPES[1:]},
     methods=_methods(
         {"dense": "configs/models/dense.gin", "moe": "configs/models/moe_tiny.gin",
+         "moe_dropless": "configs/models/moe_dropless_tiny.gin",
          "pkm": "configs/models/pkm_tiny.gin", "peer": "configs/models/peer_tiny.gin"},
         moe=dict(num_experts=16, routing="expert_choice", capacity_factor=1.0),
+        moe_dropless=dict(num_experts=16, routing="dropless", top_k=1),
         pkm=dict(num_experts=128**2, heads=4, top_k=16, query_batchnorm=True),
         peer=dict(num_experts=128**2, heads=4, top_k=8, query_batchnorm=True),
     ),
