@@ -44,7 +44,7 @@ def _missing_model_files(grid) -> list[str]:
 # ----------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("grid_name", ["mini", pytest.param("paper", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("grid_name", ["mini", "mini2", pytest.param("paper", marks=pytest.mark.slow)])
 def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
     """Regenerates the grid in memory: generate() parses every point's gin text and builds its
     model with nnx.eval_shape; the files on disk must be exactly what it produces. (The paper
@@ -68,6 +68,21 @@ def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
         per_budget_method[key] = per_budget_method.get(key, 0) + 1
     assert len(per_budget_method) == len(grid.budgets) * len(grid.methods)
     assert min(per_budget_method.values()) >= 4
+
+
+def test_study_grid_pins_each_methods_peak_lr_and_the_three_eval_sets():
+    grid = grids.GRIDS["mini2"]
+    assert {m.name for m in grid.methods} == {"dense", "moe_dropless", "moe", "pkm", "peer"}
+    assert set(grid.peak_lr) == {m.name for m in grid.methods} and sorted(grid.budgets) == [1e12, 3e12, 1e13]
+    points = json.loads((REPO / "configs/isoflop/mini2/grid.json").read_text())["points"]
+    for e in points:
+        text = (REPO / e["gin_file"]).read_text()
+        assert f"optim.make_optimizer.peak_lr = {grid.peak_lr[e['method']]!r}" in text and e["peak_lr"] == grid.peak_lr[e["method"]]
+        assert 'eval_tasks = ["kjv", "shakespeare", "pydoc"]' in text
+    dropless = (REPO / "configs/isoflop/mini2/moe_dropless_1e13_L4_d128_h4.gin").read_text()
+    assert 'moe.MoE.routing = "dropless"' in dropless and "moe.MoE.top_k = 1" in dropless
+    # the historical mini grid keeps base.gin's LR (its committed runs used it)
+    assert "peak_lr" not in (REPO / "configs/isoflop/mini/dense_1e12_L2_d48_h2.gin").read_text()
 
 
 def test_paper_grid_files_parse_and_a_sample_builds():
