@@ -530,6 +530,7 @@ def plot_optimum(fits: list[Fit], task: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     methods = [m for m in METHOD_ORDER if any(f.method == m for f in fits)]
     methods += sorted({f.method for f in fits} - set(methods))
@@ -554,6 +555,8 @@ def plot_optimum(fits: list[Fit], task: str, path: Path) -> None:
                         label=f"{METHOD_NAMES.get(m, m)} (L(N, D) fit)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(f"{task} perplexity of the compute-optimal model")
     ax.set_title("compute-optimal perplexity with bootstrap 95 % intervals over seeds", fontsize=9)
