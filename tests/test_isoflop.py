@@ -35,6 +35,7 @@ gen = _load("isoflop_generate", REPO / "configs/isoflop/generate.py")
 sweep = _load("isoflop_sweep", REPO / "scripts/isoflop_sweep.py")
 fit = _load("fit_isoflop", REPO / "scripts/fit_isoflop.py")
 grids = gen.grids
+plan = _load("isoflop_plan", REPO / "configs/isoflop/plan.py")
 
 
 def _missing_model_files(grid) -> list[str]:
@@ -324,6 +325,27 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
     assert "**Approach 3**" in table and "P(PEER lower)" in table and "| MoE 1e12 |" in table
     for png in ("isoflop.png", "isoflop_pydoc.png", "optimum.png"):
         assert (tmp_path / "fit" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_predicts_wall_time_from_measured_throughput(tmp_path):
+    """A measured shape predicts its own time at another budget; an unmeasured one is scaled
+    from the nearest measured shape by counted per executed FLOPs (dropless: 15 idle experts)."""
+    def entry(method, budget, L, d, params, fpt, moe_experts=0.0):
+        return {"name": f"{method}_{budget:g}_L{L}_d{d}_h1", "method": method, "budget": budget, "num_layers": L,
+                "d_model": d, "num_heads": 1, "params": {"active_non_embedding": params}, "num_steps": 10,
+                "train_flops_per_token": fpt, "flops_terms": {"moe_experts": moe_experts}, "realised_flops": budget}
+    run = entry("dense", 1e12, 2, 48, 5e4, 6e5)
+    (tmp_path / "r" / run["name"]).mkdir(parents=True)
+    (tmp_path / "r" / run["name"] / "summary.json").write_text(json.dumps(
+        {"status": "done", "wall_time_s": 100.0, "point": run}))  # 1e10 FLOP/s
+    rates = plan.measured([str(tmp_path / "r")])
+    assert rates == {("dense", "L2_d48_h1"): [1e10]}
+    points = [entry("dense", 1e13, 2, 48, 5e4, 6e5), entry("dense", 1e13, 3, 96, 3e5, 3e6)]
+    rows = plan.plan(points, rates)
+    assert rows[0]["minutes"] == pytest.approx(1e13 / 1e10 / 60) and rows[0]["source"] == "L2_d48_h1"
+    assert rows[1]["minutes"] == pytest.approx(1e13 / 1e10 / 60) and "scaled" in rows[1]["source"]
+    d = entry("moe_dropless", 1e13, 2, 48, 5e4, 6e5, moe_experts=1e4)
+    assert plan.scale_flops(d) == pytest.approx(6e5 + 3 * 15 * 1e4)
 
 
 # ----------------------------------------------------------------------------- the runner
