@@ -8,7 +8,8 @@ collective waits forever (DESIGN.md, "Hosts agree"):
   detection: TPU VM metadata, SLURM variables, ``$JAX_COORDINATOR_ADDRESS``) and turns a
   coordinator that cannot be reached into one line naming the address.
 * **A lost host.** Each host runs a small watchdog thread that bumps a counter in the
-  coordination service's key-value store every second and reads everyone else's. A host whose
+  coordination service's key-value store every second (every n/64 s on n > 64 hosts) and reads
+  everyone else's. A host whose
   counter has not moved for ``--host_timeout_s`` (killed, crashed, unreachable), or that
   announced a failure, makes every other host print one line naming it (process index, host
   name, pid) and exit with status 4. JAX's own heartbeat (set 30 s longer) stays as the
