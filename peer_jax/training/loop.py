@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from peer_jax import flops as flops_lib, multihost, sharding
+from peer_jax import flops as flops_lib, hardware, multihost, sharding
 from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
@@ -187,9 +187,7 @@ class Trainer:
         if self.checkpoint_blocking_s:
             row["checkpoint_blocking_s"], self.checkpoint_blocking_s = self.checkpoint_blocking_s, 0.0
         row["model_flops_per_sec"] = self.train_flops_per_token * row["tokens_per_sec"]
-        from peer_jax import hardware  # peak FLOP/s of known TPUs/GPUs when not configured
-
-        peak = cfg.peak_flops_per_device or hardware.peak_flops_per_device()
+        peak = cfg.peak_flops_per_device or hardware.peak_flops_per_device()  # known TPUs/GPUs; None on CPU
         if peak:
             row["mfu"] = row["model_flops_per_sec"] / (peak * jax.device_count())
         masses = jax.device_get(self.state["expert_mass"])
