@@ -27,7 +27,7 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
     from flax import nnx
 
     from peer_jax import sharding
-    from peer_jax.data import eval_tasks, pipeline, vocab as vocab_lib
+    from peer_jax.data import eval_tasks, pipeline, tasks as tasks_lib, vocab as vocab_lib
     from peer_jax.training import checkpoint as ckpt, evaluate as eval_lib, loop, step as step_lib
 
     mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -53,7 +53,8 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
             batches = pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, vocab, bs, max_batches,
                                            shard_index=shard, num_shards=shards)
             results[task] = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], batches,
-                                              pipeline.empty_batch(bs // shards, cfg.seq_len), bs)
+                                              pipeline.empty_batch(bs // shards, cfg.seq_len), bs,
+                                              hosts_agree=tasks_lib.tfds_name(task) is not None)
         mngr.close()
     return {"step": int(state["step"]), "tasks": results}
 

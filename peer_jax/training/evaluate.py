@@ -13,13 +13,15 @@ from peer_jax.training import step as step_lib
 
 
 def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches, empty_batch: dict,
-             global_rows: int) -> dict[str, float]:
+             global_rows: int, *, hosts_agree: bool = True) -> dict[str, float]:
     """Sums loss and token counts over batches (padding has weight 0), then ppl = exp(Σloss/Σtokens).
 
     `batches` yields this process's block of each global batch of `global_rows` rows. With
-    several processes the hosts agree before every step on whether any of them still has a
-    batch; one that has run out contributes `empty_batch` (all padding), so every host runs
-    the same number of steps even when the host shards of a streamed set differ in size.
+    several processes and `hosts_agree` (streamed sets, whose host shards differ in size) the
+    hosts agree before every step on whether any of them still has a batch; one that has run
+    out contributes `empty_batch` (all padding), so every host runs the same number of steps.
+    Sets packed in memory give every host the same number of batches by construction, so they
+    skip that per-step host synchronisation (`hosts_agree=False`).
 
     For PEER/PKM layers also reports usage and unevenness of the router-score mass summed
     over the whole split (the paper's Table 2), and for MoE the per-expert load spread.
@@ -28,7 +30,7 @@ def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches
     it = iter(batches)
     while True:
         batch = next(it, None)
-        if jax.process_count() > 1:
+        if hosts_agree and jax.process_count() > 1:
             if not multihost.any_host(batch is not None):
                 break
             batch = empty_batch if batch is None else batch

@@ -112,6 +112,7 @@ class Trainer:
             arrays = pipeline.packed_arrays(cfg.train_task, cfg.train_split, cfg.seq_len, self.vocab)
             self.train_it = pipeline.ArrayBatches(arrays, cfg.batch_size, **kw)
         self.eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.grad_accum_steps
+        self.eval_shard = batch_shard(self.mesh, self.rules, cfg, self.eval_bs)
         if cfg.eval_data_dir:
             eval_tasks_lib.eval_data_dir(cfg.eval_data_dir)
         for task in cfg.eval_tasks:  # fail at start-up, not at the first eval, if a set is missing
@@ -129,7 +130,7 @@ class Trainer:
         self.meta = run_meta(cfg, self.vocab)
 
     def eval_inputs(self, task: str):
-        shard, shards = batch_shard(self.mesh, self.rules, self.cfg, self.eval_bs)
+        shard, shards = self.eval_shard
         return pipeline.eval_stream(task, self.cfg.eval_split, self.cfg.seq_len, self.vocab, self.eval_bs,
                                     self.cfg.eval_batches, shard_index=shard, num_shards=shards)
 
@@ -205,11 +206,11 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         log.info("eval at step %d", step)
         row = {}
-        empty = pipeline.empty_batch(self.eval_bs // batch_shard(self.mesh, self.rules, self.cfg, self.eval_bs)[1],
-                                     self.cfg.seq_len)
+        empty = pipeline.empty_batch(self.eval_bs // self.eval_shard[1], self.cfg.seq_len)
         for i, task in enumerate(self.cfg.eval_tasks):
             res = eval_lib.evaluate(self.eval_step, self.setup_, self.state["params"], self.state["model_state"],
-                                    self.eval_inputs(task), empty, self.eval_bs)
+                                    self.eval_inputs(task), empty, self.eval_bs,
+                                    hosts_agree=tasks_lib.tfds_name(task) is not None)
             row.update({f"eval/{task}/{k}": v for k, v in res.items()})
             if i == 0:
                 row["eval_loss"], row["eval_ppl"] = res["loss"], res["ppl"]
