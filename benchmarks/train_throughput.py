@@ -81,7 +81,7 @@ def build(name: str, gin_files: list[str], bindings: list[str]) -> dict:
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         model = flops_lib.abstract_transformer(VOCAB, cfg.model)
-        count = flops_lib.count(model, cfg.seq_len)
+        count = flops_lib.count(model, cfg.seq_len, cfg.batch_size // cfg.grad_accum_steps)
         params = flops_lib.param_counts(model, cfg.seq_len)
     mem = compiled.memory_analysis()
     gin.clear_config()

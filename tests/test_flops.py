@@ -127,6 +127,19 @@ def test_moe_dropless_formula_and_active_params():
     assert flops.count(model, seq_len=64, batch_size=3).terms["moe_experts"] == k * expert
     p = flops.param_counts(model)
     assert p["non_embedding"] - p["active_non_embedding"] == (e - k) * 2 * d * 4 * d
+    assert c.overhead["moe_ragged_dot_dense"] == (e - 1) * k * expert  # CPU: every expert on every pair
+
+
+def test_moe_dropless_padded_blocks_overhead_is_the_static_padding():
+    d, e, k, block = 32, 8, 2, 16
+    model = flops.abstract_transformer(V, num_layers=1, d_model=d, num_heads=2, sparse_ffw=_moe(
+        num_experts=e, routing="dropless", top_k=k, grouped_matmul="padded_blocks", block_size=block))
+    assert "moe_block_padding" not in flops.count(model, seq_len=16).overhead  # depends on tokens per call
+    c = flops.count(model, seq_len=16, batch_size=3)  # 48 tokens, 96 pairs -> (6 + 8) blocks of 16
+    expert = 2 * d * 4 * d * 2
+    assert c.terms["moe_experts"] == k * expert
+    assert c.overhead["moe_block_padding"] == (14 * 16 - 96) / 48 * expert
+    assert "moe_ragged_dot_dense" not in c.overhead
 
 
 def test_unknown_ffw_is_a_clear_error():

@@ -87,14 +87,24 @@ def assert_grads_close(g, g_ref):
 
 
 # ------------------------------------------------------------------------------ values
-@pytest.mark.parametrize("top_k,activation", [(1, "gelu"), (2, "swiglu"), (3, "relu")])
-def test_matches_one_hot_reference_values_and_grads(top_k, activation):
-    model = make(top_k=top_k, activation=activation)
+@pytest.mark.parametrize(
+    "top_k,activation,grouped",
+    [(1, "gelu", {}), (2, "swiglu", {}), (3, "relu", {}),
+     # padded blocks: blocks of 3 rows leave most groups with a part-filled block; blocks of
+     # 64 rows put every group in one block, most of it padding
+     (1, "gelu", dict(grouped_matmul="padded_blocks", block_size=3)),
+     (2, "swiglu", dict(grouped_matmul="padded_blocks", block_size=3)),
+     (3, "relu", dict(grouped_matmul="padded_blocks", block_size=64))],
+    ids=["k1-ragged", "k2-ragged", "k3-ragged", "k1-blocks3", "k2-blocks3", "k3-blocks64"],
+)
+def test_matches_one_hot_reference_values_and_grads(top_k, activation, grouped):
+    model = make(top_k=top_k, activation=activation, **grouped)
     x, mask = inputs()
     y, metrics, (g_params, g_x), hlo = model_loss_and_grads(model, x, mask)
     y_ref, (g_params_ref, g_x_ref) = reference_loss_and_grads(model, x, mask)
     del hlo  # on CPU ragged_dot lowers to a masked dense dot, so look for it in the jaxpr
-    assert "ragged_dot_general" in str(jax.make_jaxpr(lambda x: model(x, mask=mask))(x))
+    jaxpr = str(jax.make_jaxpr(lambda x: model(x, mask=mask))(x))
+    assert ("ragged_dot_general" in jaxpr) == (not grouped)
     np.testing.assert_allclose(y, y_ref, **TOL)
     np.testing.assert_allclose(g_x, g_x_ref, **TOL)
     assert_grads_close(g_params, g_params_ref)
@@ -171,10 +181,12 @@ SHARDED_CASES = [
     # tokens split over 'data' only: each expert shard sees all its tokens, psum instead of
     # all-gather + reduce-scatter
     ((2, 4, 1), tuple((n, "data") if n == "batch" else (n, a) for n, a in RULES_DEFAULT), dict(top_k=3)),
+    # padded blocks inside the shard_map (each shard pads its own local experts' groups)
+    ((2, 4, 1), RULES_DEFAULT, dict(top_k=2, grouped_matmul="padded_blocks", block_size=4)),
 ]
 
 
-@pytest.mark.parametrize("mesh_shape,rules,kw", SHARDED_CASES, ids=["d2e4", "d2e2m2", "e4m2-fsdp", "d2e4-psum"])
+@pytest.mark.parametrize("mesh_shape,rules,kw", SHARDED_CASES, ids=["d2e4", "d2e2m2", "e4m2-fsdp", "d2e4-psum", "d2e4-blocks"])
 def test_expert_parallel_matches_single_device_values_and_grads(mesh_shape, rules, kw):
     x, mask = inputs()
     y_ref, m_ref, (g_params_ref, g_x_ref), _ = model_loss_and_grads(make(**kw), x, mask)
@@ -218,6 +230,8 @@ def test_mesh_without_expert_split_uses_the_local_path():
         (dict(group_size=4), "group_size"),
         (dict(top_k=0), "top_k"),
         (dict(top_k=E + 1), "top_k"),
+        (dict(grouped_matmul="megablocks"), "grouped_matmul"),
+        (dict(block_size=0), "block_size"),
     ],
 )
 def test_invalid_configs_raise(kw, match):

@@ -127,6 +127,8 @@ class MoE(nnx.Module):
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
         expert_parallel: bool = True,
+        grouped_matmul: str = "ragged_dot",
+        block_size: int = 64,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         router_init: Initializer = DEFAULT_ROUTER_INIT,
     ):
@@ -142,6 +144,10 @@ class MoE(nnx.Module):
             None = the whole batch / sequence. Must divide it.
         z_loss_weight: router z-loss for both routings; it only keeps router logits small.
         expert_parallel: use the shard_map path when a mesh with 'expert' > 1 is in context.
+        grouped_matmul, block_size: dropless only. 'ragged_dot' (TPU's native grouped matmul;
+            on CPU a dense masked dot over all experts) or 'padded_blocks' (each expert's rows
+            padded to a multiple of `block_size`, one batched matmul over the blocks: at most
+            (tokens·top_k + num_experts·block_size) rows of work; the fast choice on CPU).
         """
         if mlp_dim is None:  # each expert is the dense FFW it replaces
             mlp_dim = default_mlp_dim(d_model, activation)
@@ -164,6 +170,9 @@ class MoE(nnx.Module):
             routing == "expert_choice" or 1 <= top_k <= num_experts,
             f"MoE: top_k={top_k} must be in [1, num_experts={num_experts}] for {routing}.",
         )
+        _check(grouped_matmul in dropless.GROUPED_MATMULS,
+               f"MoE: grouped_matmul={grouped_matmul!r} is unknown; use one of {dropless.GROUPED_MATMULS}.")
+        _check(block_size >= 1, f"MoE: block_size={block_size} must be >= 1 (e.g. 64).")
         _check(capacity_factor > 0, f"MoE: capacity_factor={capacity_factor} must be > 0 (e.g. 1.0 or 1.25).")
         _check(
             group_size is None or group_size >= 1,
@@ -179,6 +188,7 @@ class MoE(nnx.Module):
         self.capacity_factor, self.renormalize_top_k = capacity_factor, renormalize_top_k
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.expert_parallel, self.dtype = expert_parallel, dtype
+        self.grouped_matmul, self.block_size = grouped_matmul, block_size
 
         e, d, m = num_experts, d_model, mlp_dim
         # The router is d x E: too small to shard, and the shard_map path wants it whole.
@@ -266,12 +276,13 @@ class MoE(nnx.Module):
         renorm = self.renormalize_top_k and self.top_k > 1
         experts, gates = dropless.top_k_routing(probs, valid, self.top_k, renorm)
         if layout is not None:
-            y, load = dropless.dropless_expert_parallel(x, experts, gates, valid, weights, self.activation, layout)
+            y, load = dropless.dropless_expert_parallel(x, experts, gates, valid, weights, self.activation, layout,
+                                                        self.grouped_matmul, self.block_size)
         else:
             k = self.top_k
             y, load = dropless.dropless_local(
                 x.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), valid.reshape(b * t),
-                weights, self.activation,
+                weights, self.activation, grouped_matmul=self.grouped_matmul, block=self.block_size,
             )
             y = shd.constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         return y, load, jnp.zeros((), jnp.float32), jnp.sum(valid).astype(jnp.float32)
@@ -373,14 +384,24 @@ class MoE(nnx.Module):
         for expert choice (the capacity's floor of 1 included), top_k for token choice and
         dropless. Overhead: the one-hot dispatch/combine einsums (2·E·C·d each) and token
         choice's unfilled slots; for dropless, the other E - 1 experts per routed pair where
-        `ragged_dot` runs dense (`moe_dropless.ragged_dot_is_dense`)."""
+        `ragged_dot` runs dense (`moe_dropless.ragged_dot_is_dense`), or with 'padded_blocks'
+        the static padding slots (`moe_dropless.padded_slots`, single-device layout; left out
+        when batch_size is None, since it depends on the tokens per forward call)."""
         d, e, f = self.d_model, self.num_experts, self.mlp_dim
         n_in = activations.input_projections(self.activation)
         expert_flops = 2.0 * d * f * n_in + 2.0 * f * d
         if self.routing == "dropless":  # exactly top_k experts per token, no capacity
             terms = {"moe_router": 2.0 * d * e, "moe_experts": self.top_k * expert_flops}
-            dense = dropless.ragged_dot_is_dense()
-            overhead = {"moe_ragged_dot_dense": (e - 1) * self.top_k * expert_flops} if dense else {}
+            if self.grouped_matmul == "padded_blocks":  # the static padded slots beyond the routed pairs
+                if batch_size is None:  # padding depends on the tokens per call: not counted without them
+                    return FFWCount(terms, {}, d * e + self.top_k * (n_in + 1) * d * f)
+                pairs = batch_size * seq_len * self.top_k
+                slots = dropless.padded_slots(pairs, e, self.block_size)
+                overhead = {"moe_block_padding": (slots - pairs) / (batch_size * seq_len) * expert_flops}
+            elif dropless.ragged_dot_is_dense():
+                overhead = {"moe_ragged_dot_dense": (e - 1) * self.top_k * expert_flops}
+            else:
+                overhead = {}
             return FFWCount(terms, overhead, d * e + self.top_k * (n_in + 1) * d * f)
         s = self.routing_group_tokens(seq_len, batch_size)
         c = self.capacity(s)
