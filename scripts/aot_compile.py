@@ -40,6 +40,10 @@ os.environ["TPU_SKIP_MDS_QUERY"] = "1"  # no GCE metadata-server queries from li
 # Compile-only use touches no chip, so concurrent compiles need not take libtpu's host lock.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu looks for the TPU VM it runs on (worker host names, accelerator type) and, finding
+# none, prints three start-up errors that do not affect a compile-only topology. Naming this
+# host as the only worker silences them; `topology_devices` sets the accelerator type.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
@@ -81,11 +85,23 @@ def parse_topology(topology: str) -> tuple[Chip, str]:
     return CHIPS[gen], topology
 
 
+def accelerator_type(topology: str) -> str:
+    """gcloud's accelerator type of a topology: v5litepod-256 for v5e:16x16, v5p-128 for
+    v5p:4x4x4 (v4 and v5p count TensorCores, two per chip)."""
+    chip, name = parse_topology(topology)
+    chips = 1
+    for s in name.partition(":")[2].split("x"):
+        chips *= int(s)
+    return f"{chip.accelerator}-{chips * (2 if chip.chip_config == 'megacore' else 1)}"
+
+
 def topology_devices(topology: str, chip_config: str | None = None):
     """Compile-only TPU devices of a topology (one per chip; v4 and v5p in megacore mode)."""
     from jax.experimental import topologies
 
     chip, name = parse_topology(topology)
+    # Read once, when libtpu starts: only its start-up messages depend on it (module top).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topology))
     return topologies.get_topology_desc(name, "tpu", chip_config_name=chip_config or chip.chip_config).devices
 
 
@@ -140,6 +156,25 @@ def _cost(compiled) -> dict:
             "transcendentals": float(cost.get("transcendentals", 0.0))}
 
 
+def program_contents(hlo_text: str) -> dict:
+    """What the compiled program holds besides plain XLA ops: collective bytes per device
+    (`peer_jax.hlo_stats`), the Pallas kernels (TPU custom calls, by instruction name, e.g.
+    splash_mha_fwd...) and the computations offloaded to SparseCore (async calls on the
+    'sparsecore' thread, by the JAX op that produced them)."""
+    from peer_jax import hlo_stats
+
+    kernels, offloads = set(), []
+    for line in hlo_text.splitlines():
+        name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+        if name and 'custom_call_target="tpu_custom_call"' in line:
+            kernels.add(re.sub(r"(\.\d+)+$", "", name.group(1)))
+        if name and " call-start(" in line and 'async_execution_thread="sparsecore"' in line:
+            op = re.search(r'op_name="([^"]*)"', line)
+            offloads.append(op.group(1) if op else name.group(1))
+    return {"collectives": hlo_stats.collective_bytes(hlo_text), "pallas_kernels": sorted(kernels),
+            "sparsecore_offloads": sorted(offloads)}
+
+
 def _is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
 
@@ -161,7 +196,8 @@ def _attention_impl(impl: str, seq_len: int, mesh) -> str:
         return attention.resolve(impl, seq_len)
 
 
-def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_size, chip_config):
+def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_size, chip_config,
+                       compiler_options=None):
     """(report, compiled, or None when the TPU compiler ran out of HBM) for a parsed TrainConfig."""
     import jax
     import numpy as np
@@ -223,7 +259,7 @@ def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_
             t2 = time.perf_counter()
             lowered = train_step.lower(state, batch)
             t3 = time.perf_counter()
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=compiler_options or None)
     except Exception as e:  # noqa: BLE001 - the TPU compiler's out-of-memory is a JaxRuntimeError
         if not _is_oom(e):
             raise
@@ -236,7 +272,8 @@ def _lower_and_compile(cfg, chip: Chip, topology: str, mesh_shape, rules, vocab_
 
 def compile_train_step(gin_files: list[str], bindings: list[str], topology: str, *, mesh_shape=None,
                        rules: str | None = None, vocab_size: int | None = None,
-                       chip_config: str | None = None) -> dict:
+                       chip_config: str | None = None, compiler_options: dict | None = None,
+                       hlo_out: str | None = None) -> dict:
     """Builds the gin-configured train step for `topology`, compiles it and returns the report."""
     import gin
     import jax
@@ -251,12 +288,19 @@ def compile_train_step(gin_files: list[str], bindings: list[str], topology: str,
     gin_utils.parse(gin_files, bindings)
     try:
         cfg = gin.get_configurable(TrainConfig)()
-        report, compiled = _lower_and_compile(cfg, chip, topology, mesh_shape, rules, vocab_size, chip_config)
+        report, compiled = _lower_and_compile(cfg, chip, topology, mesh_shape, rules, vocab_size, chip_config,
+                                              compiler_options)
     finally:
         gin.clear_config()
-    report = {"gin_files": list(gin_files), "gin_bindings": list(bindings), **report}
+    report = {"gin_files": list(gin_files), "gin_bindings": list(bindings),
+              "compiler_options": dict(compiler_options or {}), **report}
     if compiled is None:
         return report
+    hlo_text = compiled.as_text()
+    report.update(program_contents(hlo_text))
+    if hlo_out:
+        with open(hlo_out, "w") as f:
+            f.write(hlo_text)
     n, tokens = report["num_devices"], report["tokens_per_step"]
     mem, cost = _memory(compiled), _cost(compiled)
     report["memory"] = mem
@@ -327,6 +371,20 @@ def format_report(r: dict) -> str:
     lines.append(f"XLA cost analysis per device per step: {c['flops']:.4g} FLOPs, "
                  f"{c['bytes_accessed']:.4g} bytes accessed")
     lines.append(f"model FLOPs per step (peer_jax.flops, all devices): {r['model_flops_per_step']:.4g}")
+    coll = r.get("collectives")
+    if coll:
+        kinds = ", ".join(f"{k} {_fmt_bytes(v['bytes'])} ({v['count']} ops)" for k, v in coll["by_kind"].items()
+                          if v["count"])
+        lines.append(f"collectives per device per step (from the compiled HLO): {_fmt_bytes(coll['total_bytes'])}"
+                     + (f": {kinds}" if kinds else ""))
+        if coll["unknown_trip_count_loops"]:
+            lines.append(f"  (loops without a known trip count, counted once: {coll['unknown_trip_count_loops']})")
+    lines.append(f"attention: {r['attention_impl']}; Pallas kernels in the program: "
+                 f"{', '.join(r.get('pallas_kernels') or []) or 'none'}")
+    if r.get("compiler_options"):
+        offloads = r.get("sparsecore_offloads") or []
+        lines.append(f"compiler options {r['compiler_options']}; SparseCore offloads: {len(offloads)}"
+                     + (f" ({', '.join(sorted(set(offloads)))})" if offloads else ""))
     if e:
         lines += [
             f"XLA FLOPs per step, all devices: {e['xla_flops_per_step_all_devices']:.4g} "
@@ -345,6 +403,7 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from peer_jax import gin_utils
+    from peer_jax.sharding import RULE_PRESETS
 
     argv = sys.argv[1:] if argv is None else argv
 
@@ -352,11 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--topology", required=True,
                        help="GENERATION:SHAPE, e.g. v5e:16x16 (v5litepod-256), v4:4x4x4 (v4-128), v5p:4x4x4 (v5p-128)")
         p.add_argument("--mesh_shape", help="data,expert,model (one may be -1); default TrainConfig.mesh_shape")
-        p.add_argument("--rules", choices=("default", "fsdp", "data_parallel"),
+        p.add_argument("--rules", choices=sorted(RULE_PRESETS),
                        help="sharding rules preset; default TrainConfig.sharding_rules")
+        p.add_argument("--xla_option", action="append", default=[], metavar="NAME=VALUE",
+                       help="TPU compiler option for this compile, e.g. xla_tpu_offload_gather_to_sparsecore=true "
+                            "(repeatable)")
         p.add_argument("--vocab_size", type=int, help="tokenizer vocabulary size (needed when spm_path is remote)")
         p.add_argument("--chip_config", help="libtpu chip config (default: megacore for v4, else default)")
         p.add_argument("--json", help="write the report as JSON here")
+        p.add_argument("--hlo_out", help="write the compiled program's HLO text here")
 
     try:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments)
@@ -374,9 +437,17 @@ def main(argv: list[str] | None = None) -> int:
             mesh_shape = tuple(int(s) for s in args.mesh_shape.strip("()").split(","))
         except ValueError:
             return gin_utils.fail(f"--mesh_shape={args.mesh_shape!r}: write data,expert,model, e.g. -1,1,4")
+    options = {}
+    for item in args.xla_option:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            return gin_utils.fail(f"--xla_option={item!r}: write NAME=VALUE, e.g. "
+                                  "xla_tpu_offload_gather_to_sparsecore=true")
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
     try:
         report = compile_train_step(args.gin_file, bindings, args.topology, mesh_shape=mesh_shape, rules=args.rules,
-                                    vocab_size=args.vocab_size, chip_config=args.chip_config)
+                                    vocab_size=args.vocab_size, chip_config=args.chip_config,
+                                    compiler_options=options, hlo_out=args.hlo_out)
     except (gin_utils.ConfigError, ValueError, FileNotFoundError) as e:
         return gin_utils.fail(e)
     report["command"] = " ".join(["scripts/aot_compile.py", *argv])

@@ -127,6 +127,24 @@ def test_paper_grid_matches_the_paper():
     assert dict(g.train)["train_task"] == "c4"
 
 
+def test_paper_points_carry_pod_settings_that_fit_every_shape():
+    """The pod mesh and rules are in every paper file: a -1 data axis, a model axis that divides
+    every shape's heads, data x expert <= the batch on a v5e-256, and known rules presets."""
+    from peer_jax import sharding
+
+    g = grids.PAPER
+    assert dict(g.model)["scan_layers"] is True
+    for method in g.methods:
+        train = dict(g.method_train[method.name])
+        data, expert, model = train["mesh_shape"]
+        assert data == -1 and train["sharding_rules"] in sharding.RULE_PRESETS
+        assert (256 // model) <= g.batch_size and 256 % (expert * model) == 0
+        for shapes in g.budgets.values():
+            assert all(s.num_heads % model == 0 for s in shapes)
+        text = (REPO / f"configs/isoflop/paper/{method.name}_2e19_L16_d1280_h20.gin").read_text()
+        assert f"mesh_shape = ({data}, {expert}, {model})" in text and "scan_layers = True" in text
+
+
 def _tiny_grid(tmp_path, steps=(6, 6), shapes=((1, 32, 2), (2, 32, 2))):
     """A dense grid whose budgets are exact multiples of each model's FLOPs per step."""
     from peer_jax import flops

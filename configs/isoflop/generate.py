@@ -77,7 +77,7 @@ def _import_line(module: str) -> str:
 
 
 def render(grid, method, shape, budget: float, num_steps: int, header: list[str] = ()) -> str:
-    train = dict(grid.train)
+    train = {**dict(grid.train), **dict(grid.method_train.get(method.name, ()))}
     train.setdefault("eval_every", num_steps)  # default: evaluate once, at the end
     warmup = max(grid.min_warmup, round(grid.warmup_fraction * num_steps))
     lines = [f"# isoFLOP point {point_name(method.name, budget, shape)} of grid '{grid.name}': "

@@ -57,6 +57,8 @@ class Grid:
     description: str = ""
     # method name -> optim.make_optimizer.peak_lr written into its points (else base.gin's 3e-3)
     peak_lr: dict[str, float] = dataclasses.field(default_factory=dict)
+    # method name -> further TrainConfig bindings of its points (e.g. the pod mesh and rules)
+    method_train: dict[str, tuple[tuple[str, object], ...]] = dataclasses.field(default_factory=dict)
 
 
 def _shapes(*triples) -> tuple[Shape, ...]:
@@ -85,6 +87,18 @@ PAPER_SHAPES = _shapes(
     (6, 512, 8), (8, 640, 10), (10, 768, 12), (12, 896, 14), (14, 1024, 16), (16, 1280, 20), (20, 1536, 24),
     (24, 1792, 28),
 )
+# Pod settings written into every paper point, so that a pod run and an AOT compile need no mesh
+# flags. `model` = 2 divides every shape's heads (8-28) and, with a -1 data axis, leaves
+# data x expert = devices / 2 <= the batch of 128 sequences on up to 256 chips (v5e-256), while
+# any even device count down to 2 (4 x expert for the MoEs) still works. PEER/PKM split their
+# table rows over data as well (`fsdp_expert_tables`: tables and Adam moments stored once per
+# model group, gathered per step); the MoEs put their 128 experts over `expert` = 4.
+# Measured for v5e-256 and v5p-128 in docs/pod_scale.md.
+_DATA_MODEL = (("mesh_shape", (-1, 1, 2)), ("sharding_rules", "default"))
+_EXPERT_PARALLEL = (("mesh_shape", (-1, 4, 2)), ("sharding_rules", "default"))
+_TABLES_OVER_DATA = (("mesh_shape", (-1, 1, 2)), ("sharding_rules", "fsdp_expert_tables"))
+PAPER_POD = {"dense": _DATA_MODEL, "moe": _EXPERT_PARALLEL, "moe_dropless": _EXPERT_PARALLEL,
+             "pkm": _TABLES_OVER_DATA, "peer": _TABLES_OVER_DATA}
 PAPER = Grid(
     name="paper",
     budgets={6e18: PAPER_SHAPES[:7], 2e19: PAPER_SHAPES[1:]},
@@ -100,7 +114,10 @@ PAPER = Grid(
     batch_size=128,
     seq_len=2048,
     vocab_size=32000,
-    model=(("dtype", "bfloat16"),),  # bf16 activations and matmuls, float32 parameters and optimizer state
+    # bf16 activations and matmuls, float32 parameters and optimizer state; the ordinary blocks
+    # as a scan (compile time independent of depth; docs/pod_scale.md).
+    model=(("dtype", "bfloat16"), ("scan_layers", True)),
+    method_train=PAPER_POD,
     train=(
         ("train_task", "c4"),
         ("eval_tasks", ["c4"]),
