@@ -50,7 +50,7 @@ def command(method: str, topology: str, variant: str, json_path: Path) -> list[s
         cmd.append("--gin.transformer.Transformer.scan_layers=False")
     elif variant == "before":
         cmd += ["--gin.transformer.Transformer.scan_layers=False",
-                "--gin.transformer.Transformer.attention_impl='\"xla\"'",
+                '--gin.transformer.Transformer.attention_impl="xla"',
                 f"--mesh_shape={BEFORE_MESH[topology][method]}", "--rules=default"]
     elif variant != "after":
         raise ValueError(f"unknown variant {variant!r}")

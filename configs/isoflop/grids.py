@@ -197,11 +197,41 @@ MINI2 = dataclasses.replace(
     MINI,
     name="mini2",
     methods=_methods(MINI_MODEL_FILES, **MINI2_SPARSE),
-    budgets={1e12: MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[1:7], 1e13: MINI2_SHAPES[2:]},
+    # L1 d24 at 1e12: PEER's and PKM's 1e12 optimum sat at the smallest shape, L1 d32 (seed 0).
+    budgets={1e12: _shapes((1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[1:7], 1e13: MINI2_SHAPES[2:]},
     train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train),
     peak_lr=MINI2_PEAK_LR,
     description="CPU isoFLOP study on the embedded KJV corpus (bytes), per-method peak LR from the 1e12 sweep; "
                 "eval on KJV validation, Shakespeare and pydoc.",
 )
 
-GRIDS = {g.name: g for g in (PAPER, MINI, MINI2)}
+# ----------------------------------------------------------------------------- PEER ablations
+# The paper's Fig. 3a (total experts N at fixed h·k), Fig. 3b (active experts h·k at fixed N) and
+# Table 2 (query BatchNorm on/off at two N), at CPU scale: every variant trains the mini2 1e12
+# optimum of PEER (seed 0: L1 d32) for the 1e12 budget, so a variant with more active experts
+# trains fewer steps (isoFLOP). Method names: peer_n<√N>_h<h>k<k>[_nobn]; the N = 128²,
+# h = 4, k = 8, BN point is mini2's PEER and serves all three.
+ABLATE_SHAPE = Shape(1, 32, 1)
+
+
+def _peer_variant(sqrt_n: int, heads: int, top_k: int, bn: bool = True) -> Method:
+    name = f"peer_n{sqrt_n}_h{heads}k{top_k}" + ("" if bn else "_nobn")
+    return Method(name, "configs/models/peer_tiny.gin", ("peer_jax.layers.peer",), (
+        ("peer.PEER.num_experts", sqrt_n**2), ("peer.PEER.heads", heads), ("peer.PEER.top_k", top_k),
+        ("peer.PEER.query_batchnorm", bn)))
+
+
+ABLATE_N = tuple(_peer_variant(n, 4, 8) for n in (16, 32, 64, 128))  # Fig. 3a: h·k = 32
+ABLATE_HK = tuple(_peer_variant(128, h, 8) for h in (1, 2, 4, 8))  # Fig. 3b: h·k = 8 .. 64, N = 128²
+ABLATE_BN = tuple(_peer_variant(n, 4, 8, bn) for n in (32, 128) for bn in (True, False))  # Table 2
+ABLATE = dataclasses.replace(
+    MINI2,
+    name="ablate",
+    budgets={1e12: (ABLATE_SHAPE,)},
+    methods=tuple({m.name: m for m in ABLATE_N + ABLATE_HK + ABLATE_BN}.values()),
+    peak_lr={m.name: MINI2_PEAK_LR["peer"] for m in ABLATE_N + ABLATE_HK + ABLATE_BN},
+    method_train={},
+    description="PEER ablations (paper Fig. 3a, Fig. 3b, Table 2) at the mini2 1e12 optimum of PEER, KJV bytes.",
+)
+
+GRIDS = {g.name: g for g in (PAPER, MINI, MINI2, ABLATE)}
