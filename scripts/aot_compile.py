@@ -311,7 +311,13 @@ def compile_train_step(gin_files: list[str], bindings: list[str], topology: str,
     else:
         report["fits"], report["hbm_fraction"] = None, None  # compiled, but no memory analysis
     report["cost_per_device"] = cost
-    if cost["flops"] > 0:
+    if report["model"]["scan_layers"]:
+        # XLA's cost analysis counts a while body once: FLOPs and bytes of a scanned stack
+        # cover one layer of it, so bounds from them would be too low by about the depth.
+        report["estimate_caveat"] = ("scan_layers: XLA's cost analysis counts each scanned stack's body once; "
+                                     "compile with --gin.transformer.Transformer.scan_layers=False for FLOPs, "
+                                     "bytes and bounds of the whole step")
+    if cost["flops"] > 0 and not report["model"]["scan_layers"]:
         t_compute = cost["flops"] / chip.peak_bf16_flops
         t_hbm = cost["bytes_accessed"] / chip.hbm_bytes_per_s
         t_roof = max(t_compute, t_hbm)
@@ -370,6 +376,8 @@ def format_report(r: dict) -> str:
     c, e = r["cost_per_device"], r.get("estimate")
     lines.append(f"XLA cost analysis per device per step: {c['flops']:.4g} FLOPs, "
                  f"{c['bytes_accessed']:.4g} bytes accessed")
+    if r.get("estimate_caveat"):
+        lines.append(f"  ({r['estimate_caveat']})")
     lines.append(f"model FLOPs per step (peer_jax.flops, all devices): {r['model_flops_per_step']:.4g}")
     coll = r.get("collectives")
     if coll:

@@ -15,6 +15,8 @@ Variants (the gin file is configs/isoflop/paper/<method>_2e19_L16_d1280_h20.gin 
                 and XLA's cost analysis of the whole program (it counts a scan's body once).
 * ``before``    the settings of the earlier table (commit f384338): XLA attention, no scan,
                 default rules, and the mesh that table used, on the current code.
+* ``sparsecore`` ``after`` with the TPU compiler option xla_tpu_offload_gather_to_sparsecore
+                (v5p/v6e have SparseCores): which gathers move there, and what it changes.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def command(method: str, topology: str, variant: str, json_path: Path) -> list[s
         cmd += ["--gin.transformer.Transformer.scan_layers=False",
                 '--gin.transformer.Transformer.attention_impl="xla"',
                 f"--mesh_shape={BEFORE_MESH[topology][method]}", "--rules=default"]
+    elif variant == "sparsecore":
+        cmd.append("--xla_option=xla_tpu_offload_gather_to_sparsecore=true")
     elif variant != "after":
         raise ValueError(f"unknown variant {variant!r}")
     return cmd + [f"--json={json_path}"]
@@ -91,8 +95,11 @@ def row(r: dict, variant: str) -> str:
     coll += f" (+{_gib(other)} a2a/permute)" if other else ""
     bounds = (f"{1e3 * e['step_time_compute_bound_s']:.1f} / {1e3 * e['step_time_hbm_bound_s']:.1f}"
               if e and not r["model"]["scan_layers"] else "scan: see unscanned")
+    offloads = r.get("sparsecore_offloads") or []
+    gathers = sum(o.endswith("/gather") for o in offloads)
+    sc = f", SparseCore: {gathers} gathers + {len(offloads) - gathers} other" if offloads else ""
     return (f"| {variant} | {mesh} `{r['rules']}` | {'scan' if r['model']['scan_layers'] else 'unrolled'}, "
-            f"{r['attention_impl']} | {_gib(state.get('params', 0))} / {_gib(state.get('opt_state', 0))} | "
+            f"{r['attention_impl']}{sc} | {_gib(state.get('params', 0))} / {_gib(state.get('opt_state', 0))} | "
             f"{_gib(m['total_bytes'])} ({_gib(m['peak_memory_in_bytes'])}) | "
             f"**{100 * (1 - need / r['chip_spec']['hbm_bytes']):.0f} %** | {coll} | {bounds} | "
             f"{r['compile_s']:.0f} |")
@@ -105,7 +112,7 @@ def table(reports: dict) -> str:
     out = []
     for method in METHODS:
         for topology, slice_name in TOPOLOGIES.items():
-            rows = [(v, reports[(method, topology, v)]) for v in ("before", "unscanned", "after")
+            rows = [(v, reports[(method, topology, v)]) for v in ("before", "unscanned", "after", "sparsecore")
                     if (method, topology, v) in reports]
             if not rows:
                 continue
