@@ -544,3 +544,38 @@ def test_sweep_end_to_end_with_the_trainer(tmp_path):
     r = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count("skip") == 2, r.stdout
     assert fit.main(["--root", str(root), "--out", str(tmp_path / "fit")]) == 0
+
+
+# ----------------------------------------------------------------------------- ablations
+ablation = _load("ablation_table", REPO / "scripts/ablation_table.py")
+
+
+def test_ablation_table_averages_seeds_per_variant_and_writes_plots(tmp_path):
+    def point(root, name, loss, usage, steps=100, status="done"):
+        d = tmp_path / root / f"{name}_1e12_L1_d32_h1"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"status": status}))
+        (d / "result.json").write_text(json.dumps({
+            "step": steps, "eval/kjv/loss": loss, "eval/kjv/blocks/0/ffw/usage": usage,
+            "eval/kjv/blocks/0/ffw/unevenness": 1.0 - usage}))
+
+    for n, loss in ((16, 1.5), (32, 1.4), (64, 1.3), (128, 1.2)):
+        point("s0", f"peer_n{n}_h4k8", loss, 0.5)
+    point("s1", "peer_n128_h4k8", 1.4, 0.7)  # a second seed of one variant
+    point("s0", "peer_n128_h1k8", 1.6, 0.4)
+    point("s0", "peer_n128_h4k8_nobn", 1.3, 0.2)
+    point("s0", "peer_n32_h4k8_nobn", 9.9, 0.1, status="running")  # unfinished: left out
+    out = tmp_path / "report"
+    assert ablation.main(["--root", str(tmp_path / "s0"), "--root", str(tmp_path / "s1"), "--out", str(out)]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    fig3a = {r["num_experts"]: r for r in report["fig3a"]}
+    assert sorted(fig3a) == [256, 1024, 4096, 16384]
+    both = fig3a[16384]["ppl"]  # mean over the two seeds, range min-max
+    assert both["n"] == 2 and both["mean"] == pytest.approx((math.exp(1.2) + math.exp(1.4)) / 2)
+    assert (both["min"], both["max"]) == (pytest.approx(math.exp(1.2)), pytest.approx(math.exp(1.4)))
+    assert [r["active"] for r in report["fig3b"]] == [8, 32]
+    table2 = {(r["num_experts"], r["query_bn"]): r for r in report["table2"]}
+    assert set(table2) == {(16384, True), (16384, False), (1024, True)}
+    assert table2[(16384, True)]["usage"]["mean"] == pytest.approx(0.6)
+    assert (out / "fig3a_experts.png").stat().st_size > 0 and (out / "fig3b_active.png").stat().st_size > 0
+    assert "| 128² | off | 1 |" in (out / "ablation.md").read_text()
