@@ -98,7 +98,7 @@ def render(grid, method, shape, budget: float, num_steps: int, header: list[str]
              f"  d_model = {shape.d_model}",
              f"  num_heads = {shape.num_heads}",
              '  sparse_blocks = "middle"',
-             *[f"  {k} = {gin_literal(v)}" for k, v in grid.model],
+             *[f"  {k} = {gin_literal(v)}" for k, v in (*grid.model, *grid.method_model.get(method.name, ()))],
              ""]
     lines += [f"{k} = {gin_literal(v)}" for k, v in method.bindings]
     if method.bindings:
