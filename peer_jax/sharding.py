@@ -141,8 +141,23 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_shape, len(devices))
     if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+        return physical_mesh(shape, devices, axis_type)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+
+
+def physical_mesh(shape: Sequence[int], devices: Sequence[jax.Device], axis_type: AxisType = AxisType.Auto) -> Mesh:
+    """`jax.make_mesh` over `devices` (axes laid out along the physical torus), or, where an
+    axis is no product of whole physical axes (`model` = 2 on a v5p 4x4x4 slice, whose axes
+    are 4 long), the same with physical axes split (`allow_split_physical_axes`): such an axis
+    then spans neighbouring chips along one physical axis."""
+    types = (axis_type,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=types, devices=list(devices))
+    except NotImplementedError:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(shape), list(devices), allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(logical: Sequence[str | None], rules: LogicalRules) -> P:

@@ -109,17 +109,15 @@ def build_mesh(devices, mesh_shape):
     """The (data, expert, model) mesh the trainer builds on a pod, over the given devices.
 
     Same construction as `peer_jax.sharding.make_mesh` when the devices are `jax.devices()`
-    (`jax.make_mesh`, which lays the axes out along the physical torus), with explicit Auto
-    axis types.
+    (`sharding.physical_mesh`: the axes laid out along the physical torus), with explicit
+    Auto axis types.
     """
-    import jax
     from jax.sharding import AxisType
 
     from peer_jax import sharding
 
     shape = sharding.resolve_mesh_shape(mesh_shape, len(devices))
-    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES),
-                         devices=list(devices))
+    return sharding.physical_mesh(shape, devices, AxisType.Auto)
 
 
 def model_vocab_size(cfg, vocab_size: int | None) -> int:

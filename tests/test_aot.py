@@ -152,3 +152,12 @@ def test_sparsecore_gather_offload_is_reported(aot):
     assert any("scatter" in o for o in off["sparsecore_offloads"]) and gathers(off) == []
     assert gathers(on), on["sparsecore_offloads"]
     assert on["compiler_options"] == {"xla_tpu_offload_gather_to_sparsecore": True}
+
+
+def test_a_model_axis_of_two_on_a_slice_with_physical_axes_of_four(aot):
+    # v5p 4x4x4: 2 is no product of whole physical axes, so jax.make_mesh refuses it and
+    # sharding.physical_mesh splits a physical axis. The paper grid's (-1, 1, 2) needs this.
+    r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], TINY + ["config.TrainConfig.batch_size = 32"],
+                               "v5p:4x4x4", mesh_shape=(-1, 1, 2))
+    assert r["mesh"] == {"data": 32, "expert": 1, "model": 2}
+    _check_report(r)
