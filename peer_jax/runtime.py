@@ -69,3 +69,14 @@ def configure_malloc(mode: str | None = None) -> str:
         logging.getLogger(__name__).warning("mallopt refused a setting; allocator partly tuned")
     _applied = "tuned"
     return _applied
+
+
+def configure_compilation_cache(path: str | None) -> None:
+    """Turns on JAX's persistent compilation cache in `path` (local or gs://; None: leave it
+    off). Programs that took at least JAX's threshold (1 s) to compile are stored and later
+    loaded instead of compiled, keyed by the program, the compiler options and the devices."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))

@@ -102,3 +102,31 @@ def test_tensorboard_scalars_are_written_through_clu(tmp_path):
     (event,) = acc.Tensors("loss")
     assert event.step == 3 and float(make_ndarray(event.tensor_proto)) == 2.5
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["note"] == "not a scalar"
+
+
+def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path):
+    """TrainConfig.compilation_cache_dir: the first run stores its compiled programs; an identical
+    second run (another workdir, a fresh process) finds every one of them, so it adds none."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+
+    def run(name):
+        cmd = [sys.executable, "-m", "peer_jax.train", "--gin_file=configs/runs/tiny_cpu.gin",
+               f"--workdir={tmp_path / name}", "--gin.config.TrainConfig.num_steps=2",
+               "--gin.config.TrainConfig.eval_every=2", "--gin.config.TrainConfig.eval_batches=1",
+               "--gin.config.TrainConfig.checkpoint_every=2", "--gin.config.TrainConfig.tensorboard=False",
+               f"--gin.config.TrainConfig.compilation_cache_dir='{cache}'"]
+        env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "compile_report.json").read_text())
+
+    run("first")
+    stored = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_step") or "step" in name for name in stored), stored
+    second = run("second")
+    assert sorted(p.name for p in cache.iterdir()) == stored  # every program was a cache hit
+    assert second["compile_s"] > 0

@@ -56,5 +56,8 @@ class TrainConfig:
     progress_bar: bool = True
     peak_flops_per_device: float | None = None  # None: peer_jax.hardware's table (TPU/H100/H200); CPU: no `mfu`
     profile_steps: Sequence[int] | None = None  # (first, last) 1-based steps: jax.profiler trace in workdir/profile
+    # JAX's persistent compilation cache (local path or gs://): a restart or the next point of a
+    # sweep with the same program loads it instead of compiling (minutes at paper scale).
+    compilation_cache_dir: str | None = None
     # Faults.
     nonfinite: str = "stop"  # 'stop' or 'skip' (skip the update, keep going)

@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from peer_jax import flops as flops_lib, hardware, multihost, sharding
+from peer_jax import flops as flops_lib, hardware, multihost, runtime, sharding
 from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
@@ -94,6 +94,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
+        runtime.configure_compilation_cache(cfg.compilation_cache_dir)
         self.mesh = sharding.make_mesh(cfg.mesh_shape)
         self.rules = sharding.get_rules(cfg.sharding_rules)
         check_batch(cfg, self.mesh, self.rules)
@@ -154,8 +155,9 @@ class Trainer:
         abstract_batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len),
                                                   np.float32 if k == "weights" else np.int32, sharding=batch_spec)
                           for k in step_lib.BATCH_KEYS}
+        t0 = time.perf_counter()
         self.step_fn = self.train_step.lower(self.state, abstract_batch).compile()
-        report = compile_report(self.step_fn)
+        report = {**compile_report(self.step_fn), "compile_s": time.perf_counter() - t0}
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
         # Analytic (peer_jax.flops convention); XLA's count undercounts loops (lax.scan bodies once).
         abstract_model = nnx.eval_shape(lambda: cfg.model(self.model_vocab, rngs=nnx.Rngs(0)))
