@@ -203,8 +203,9 @@ MINI2 = dataclasses.replace(
     MINI,
     name="mini2",
     methods=_methods(MINI_MODEL_FILES, **MINI2_SPARSE),
-    # L1 d24 at 1e12: PEER's and PKM's 1e12 optimum sat at the smallest shape, L1 d32 (seed 0).
-    budgets={1e12: _shapes((1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[1:7], 1e13: MINI2_SHAPES[2:]},
+    # L1 d24 at 1e12 and L1 d32 at 3e12: PEER's and PKM's optima sat at the smallest shape of
+    # both budgets in seed 0 (1e12: L1 d32; 3e12: L1 d48).
+    budgets={1e12: _shapes((1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[:7], 1e13: MINI2_SHAPES[2:]},
     train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train),
     peak_lr=MINI2_PEAK_LR,
     description="CPU isoFLOP study on the embedded KJV corpus (bytes), per-method peak LR from the 1e12 sweep; "
