@@ -92,7 +92,7 @@ def row(r: dict, variant: str) -> str:
     state = r["state_bytes_per_device"]
     coll = " / ".join(_gib(c[k]["bytes"]) for k in ("all-gather", "reduce-scatter", "all-reduce"))
     other = sum(c[k]["bytes"] for k in ("all-to-all", "collective-permute"))
-    coll += f" (+{_gib(other)} a2a/permute)" if other else ""
+    coll += f" (+{_gib(other)} all-to-all/permute)" if other >= 0.005 * GIB else ""
     bounds = (f"{1e3 * e['step_time_compute_bound_s']:.1f} / {1e3 * e['step_time_hbm_bound_s']:.1f}"
               if e and not r["model"]["scan_layers"] else "scan: see unscanned")
     offloads = r.get("sparsecore_offloads") or []
