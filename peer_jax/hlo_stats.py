@@ -17,9 +17,8 @@ program and how many bytes each moves *per device*:
   while's backend config (CPU programs), else the counted-loop form JAX emits for scans and
   fori loops (counter from constant 0, condition ``counter < constant N``; TPU programs drop
   the backend config). A loop of neither form counts once and is listed under
-  ``unknown_trip_count_loops``. Nested loops multiply;
-  instructions in called computations (``call``, conditionals' branches, async wrappers) count
-  once per call.
+  ``unknown_trip_count_loops``. Nested loops multiply; instructions in called computations
+  (``call``, ``to_apply``, conditionals' branches, async wrappers) count once per call.
 
 This is the data a device puts on or takes off the interconnect per step, not wire time: it
 ignores the algorithm (ring, tree), the topology and any overlap with compute.
@@ -141,7 +140,7 @@ def collective_bytes(hlo_text: str) -> dict:
                 continue
             if op == "fusion" and (name.startswith("async-collective-done") or '"continuation_config"' in rest):
                 continue  # the TPU compiler's async collective: counted once, at its start fusion
-            for called in re.findall(r"\b(?:calls|true_computation|false_computation)=%?([\w.\-]+)", rest):
+            for called in re.findall(r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", rest):
                 visit(called, times, depth + 1)
             branches = re.search(r"\bbranch_computations=\{([^}]*)\}", rest)
             if branches:
