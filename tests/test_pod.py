@@ -154,6 +154,10 @@ def test_a_killed_host_is_named_and_a_restart_resumes_exactly(reference, tmp_pat
     run = tmp_path / "run"
     with _pod(tmp_path, run, host_timeout_s=5) as pod:
         _wait_steps(pod, run, 6)
+        # Checkpoints are asynchronous: step 4's may still be in flight at step 6. Kill only
+        # once it is committed (a numbered directory), so the restart has it to resume from.
+        pod.wait_until(lambda: (run / "checkpoints").is_dir() and any(s >= 4 for s in _checkpoints(run)),
+                       "a committed checkpoint at step >= 4")
         pod.signal(1, signal.SIGKILL)
         t0 = time.monotonic()
         codes = pod.wait(120)
