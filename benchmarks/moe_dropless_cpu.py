@@ -26,12 +26,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import _git_rev, build  # noqa: E402
+from train_throughput import _git_rev, build, time_interleaved  # noqa: E402
 
 from peer_jax import runtime  # noqa: E402
 
@@ -56,17 +55,7 @@ def main(argv=None) -> int:
     for name, files, binds in specs:
         print(f"... building {name}", file=sys.stderr, flush=True)
         variants.append(build(name, files, binds))
-    for v in variants:
-        for _ in range(args.warmup):
-            v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
-        v["times"] = []
-    for r in range(args.rounds):
-        for v in variants:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
-                v["times"].append(time.perf_counter() - t0)
-        print(f"... round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    time_interleaved(variants, args.warmup, args.rounds, args.steps)
     load_after = os.getloadavg()
 
     by = {v["name"]: statistics.median(v["times"]) for v in variants}

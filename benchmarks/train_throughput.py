@@ -94,6 +94,23 @@ def build(name: str, gin_files: list[str], bindings: list[str]) -> dict:
     }
 
 
+def time_interleaved(variants: list[dict], warmup: int, rounds: int, steps: int) -> None:
+    """Times every built variant's step: `warmup` untimed steps each, then `rounds` rounds in
+    which each variant runs `steps` timed steps back to back (interleaved, so background load
+    hits all alike). Appends the step times to v["times"]; the state is donated and replaced."""
+    for v in variants:
+        for _ in range(warmup):
+            v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
+        v["times"] = []
+    for r in range(rounds):
+        for v in variants:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
+                v["times"].append(time.perf_counter() - t0)
+        print(f"... round {r + 1}/{rounds}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+
+
 def _git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
@@ -132,17 +149,7 @@ def main(argv=None) -> int:
                                ("dense", [args.dense_gin], [])]:
         print(f"... building {name}", file=sys.stderr, flush=True)
         variants.append(build(name, files, binds))
-    for v in variants:
-        for _ in range(args.warmup):
-            v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])  # state is donated
-        v["times"] = []
-    for r in range(args.rounds):
-        for v in variants:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
-                v["times"].append(time.perf_counter() - t0)
-        print(f"... round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    time_interleaved(variants, args.warmup, args.rounds, args.steps)
     load_after = os.getloadavg()
 
     rows = []
