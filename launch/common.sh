@@ -18,6 +18,9 @@ LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$LAUNCH_DIR/.." && pwd)"
 # shellcheck disable=SC2034
 COMMON_FLAGS_HELP="[--name=TPU_NAME] [--zone=ZONE] [--project=PROJECT] [--remote_dir=DIR] [--dry_run]"
+# --env=NAME=VALUE (train.sh, sweep.sh; repeatable): set in the training processes' environment
+# on every worker, e.g. --env=LIBTPU_INIT_ARGS=--xla_tpu_offload_gather_to_sparsecore=true
+REMOTE_ENV=()
 
 # Consumes one of the flags every script takes; returns 1 if "$1" is not one of them.
 parse_common_flag() {
@@ -27,6 +30,9 @@ parse_common_flag() {
     --project=*) PROJECT="${1#*=}" ;;
     --remote_dir=*) REMOTE_DIR="${1#*=}" ;;
     --dry_run) DRY_RUN=1 ;;
+    --env=*)
+      [[ "${1#--env=}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes NAME=VALUE, got '$1'"
+      REMOTE_ENV+=("$1") ;;
     *) return 1 ;;
   esac
 }

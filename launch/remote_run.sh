@@ -3,18 +3,27 @@
 # every worker through `gcloud ... ssh --worker=all`). The full output of every worker goes to
 # ~/peer_jax_logs/RUN.worker<N>.log; worker 0 also prints it, so the caller streams one copy.
 # The command's pid is kept in ~/peer_jax_logs/RUN.pid (launch/stop.sh signals it).
-#   --detach  start it with nohup/setsid and return at once (survives the SSH session)
+#   --detach          start it with nohup/setsid and return at once (survives the SSH session)
+#   --env=NAME=VALUE  export NAME=VALUE for the command (repeatable; train.sh/sweep.sh --env)
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--detach] RUN_NAME COMMAND [ARGS...]   (on a TPU worker, in the checkout)" >&2
+  echo "usage: $0 [--detach] [--env=NAME=VALUE ...] RUN_NAME COMMAND [ARGS...]   (on a TPU worker, in the checkout)" >&2
   exit 2
 }
 detach=0
-if [[ "${1:-}" == --detach ]]; then
-  detach=1
+env_set=()
+while (($#)); do
+  case "$1" in
+    --detach) detach=1 ;;
+    --env=*)
+      kv="${1#--env=}"
+      [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "error: --env takes NAME=VALUE, got '$1'" >&2; exit 2; }
+      env_set+=("$kv") ;;
+    *) break ;;
+  esac
   shift
-fi
+done
 (($# >= 2)) || usage
 run="$1"
 shift
@@ -32,6 +41,10 @@ log="$logdir/$run.worker$worker.log"
 # shellcheck source=/dev/null
 source .venv/bin/activate
 export WANDB_MODE="${WANDB_MODE:-disabled}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+for kv in "${env_set[@]}"; do
+  export "${kv%%=*}=${kv#*=}"
+  printf '%s worker %s: env %s\n' "$(date -Is)" "$worker" "$kv" >>"$log"
+done
 printf '%s worker %s: %s\n' "$(date -Is)" "$worker" "$*" >>"$log"
 
 if [[ "$detach" == 1 ]]; then

@@ -13,11 +13,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat >&2 <<USAGE
 usage: $0 $COMMON_FLAGS_HELP GRID --root=gs://BUCKET/DIR
-          [--methods=dense,peer] [--budgets=2e19] [--only=REGEX] [--keep_going] [--list]
+          [--methods=dense,peer] [--budgets=2e19] [--only=REGEX] [--keep_going] [--list] [--env=NAME=VALUE ...]
           [-- EXTRA_ARGS_FOR_isoflop_sweep.py e.g. --gin.config.TrainConfig.mesh_shape='(64,1,4)']
   GRID: configs/isoflop/paper (or mini, or a grid.json). Points run in the order of grid.json.
   --keep_going  continue with the next point when one fails (default: stop)
   --list        print each point with its state (done / todo) and run nothing
+  --env         NAME=VALUE set in every run's environment on every worker (repeatable)
 USAGE
   exit 2
 }
@@ -72,7 +73,7 @@ sys.exit(0 if int(r.get("step", -1)) >= int(sys.argv[2]) and "eval_loss" in r el
 run_on_workers() {
   local run="$1" cmd="$2"
   echo "run    $run: $cmd" >&2
-  on_workers all "bash launch/remote_run.sh $(quote_args "$run" bash -c "$cmd")"
+  on_workers all "bash launch/remote_run.sh $(quote_args "${REMOTE_ENV[@]}" "$run" bash -c "$cmd")"
 }
 
 # The printed commands: "# NAME: STEPS steps, ..." then the train command, then (with

@@ -7,9 +7,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat >&2 <<USAGE
-usage: $0 $COMMON_FLAGS_HELP [--run=NAME] [--detach] -- --gin_file=FILE --workdir=gs://BUCKET/DIR [--gin.X=V ...]
+usage: $0 $COMMON_FLAGS_HELP [--run=NAME] [--detach] [--env=NAME=VALUE ...] -- --gin_file=FILE --workdir=gs://BUCKET/DIR [--gin.X=V ...]
   Every worker runs the same command (jax.distributed.initialize() finds the others).
   --workdir must be a gs:// path on a multi-host slice: checkpoints and metrics must be shared.
+  --env     NAME=VALUE set in the trainer's environment on every worker (repeatable), e.g.
+            --env=LIBTPU_INIT_ARGS=--xla_tpu_offload_gather_to_sparsecore=true
   --run     name of the logs ~/peer_jax_logs/NAME.worker<N>.log (default: the workdir's basename)
   --detach  start in the background on the workers, then follow worker 0's log (Ctrl-C stops
             following, not training; launch/logs.sh follows again, launch/stop.sh stops it)
@@ -41,7 +43,7 @@ done
 [[ "$workdir" == gs://* ]] || echo "warning: --workdir=$workdir is not on gs://; on a multi-host slice every worker would write its own copy" >&2
 run_name="${run_name:-$(basename "$workdir")}"
 
-flags=()
+flags=("${REMOTE_ENV[@]}")
 [[ "$detach" == 1 ]] && flags+=(--detach)
 cmd="bash launch/remote_run.sh $(quote_args "${flags[@]}" "$run_name" python -m peer_jax.train --distributed "$@")"
 on_workers all "$cmd"

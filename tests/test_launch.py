@@ -1,8 +1,9 @@
 """launch/ on a simulated 2-worker slice (launch/sim/gcloud first on PATH).
 
 setup.sh copies the checkout to both workers; train.sh runs the trainer on both (SLURM-style
-variables join them); stop.sh --worker=1 signals one worker only, and both stop at the same
-step with one checkpoint; train.sh again resumes to the end.
+variables join them, and --env reaches both trainers' environments); stop.sh --worker=1 signals
+one worker only, and both stop at the same step with one checkpoint; train.sh again resumes to
+the end.
 """
 
 import json
@@ -58,13 +59,19 @@ def _train_args(workdir):
 def test_stop_one_worker_then_resume_on_a_simulated_slice(slice_):
     sim, env = slice_
     workdir = sim / "shared" / "run1"
-    train = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), "--run=run1", *_train_args(workdir)],
+    mark = "--xla_flag=a b 'c'"  # spaces, quotes and '=' survive the trip
+    train = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), "--run=run1", f"--env=PEER_JAX_MARK={mark}",
+                              *_train_args(workdir)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert train.poll() is None and time.monotonic() < deadline, train.communicate()[0][-3000:]
         time.sleep(0.05)
+    for i in range(2):
+        pid = (sim / f"worker{i}" / "peer_jax_logs" / "run1.pid").read_text().strip()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PEER_JAX_MARK={mark}".encode() in environ, (i, [e for e in environ if b"PEER_JAX" in e])
     stop = _script("stop.sh", "--run=run1", "--worker=1", "--wait=120", env=env)
     out, _ = train.communicate(timeout=120)
     assert train.returncode == 0, out[-3000:]
