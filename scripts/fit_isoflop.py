@@ -14,8 +14,12 @@ Two estimates of each method's compute-optimal model, each with a bootstrap 95 %
 * **Approach 2 (parabola vertex**, Hoffmann et al. 2022 §3.2): per (method, budget), the final
   eval loss of the primary eval set (the first of TrainConfig.eval_tasks: C4 in the paper's
   grid, KJV validation in the mini grid), every seed of every point, is fitted as a parabola in
-  u = ln N, and the vertex u* = −b / 2a gives N* = e^{u*}. With fewer than 3 sizes, a
-  non-convex fit (a ≤ 0) or a vertex outside the sampled sizes, the best observed point (mean
+  u = ln N, and the vertex u* = −b / 2a gives N* = e^{u*}. **Window** (`--window W`, default 5):
+  with more than W sizes, only the W consecutive sizes centred on the best observed one (mean
+  over its seeds; shifted inward at the grid's ends) are fitted, so sizes far from the optimum,
+  where a loss curve is not parabolic, do not drag the vertex (an off-centre grid otherwise biases
+  it); `--window 0` fits every size. With fewer than 3 sizes, a
+  non-convex fit (a ≤ 0) or a vertex outside the fitted sizes, the best observed point (mean
   over its seeds) is reported instead and the row is marked (†). Every other eval set (one
   column each, Table 1 of the paper) reports exp(its own parabola at N*).
 * **Approach 3 (parametric**, Hoffmann et al. §3.3): per method, over all its budgets,
@@ -97,6 +101,7 @@ class Fit:
     budget: float
     params_kind: str
     points: list[dict]  # {name, params, tokens, loss: {task: loss or [loss per seed]}}
+    fit_points: list[str]  # names of the points the parabolas were fitted to (the window)
     coeffs: dict[str, tuple[float, float, float] | None]  # per eval task
     optimal_params: float
     optimal_tokens: float
@@ -111,23 +116,35 @@ class Fit:
     p_peer_lower: dict | None = None  # on PEER's rows: {other method: {approach: P(PEER lower)}}
 
 
-def fit_group(method: str, budget: float, points: list[dict], tasks: list[str], params_kind: str) -> Fit:
+def window_around(best: int, n: int, window: int | None) -> range:
+    """The `window` consecutive indices of 0..n-1 centred on `best`, shifted inward at the ends
+    (all n when window is 0/None or ≥ n)."""
+    if not window or window >= n:
+        return range(n)
+    start = min(max(best - window // 2, 0), n - window)
+    return range(start, start + window)
+
+
+def fit_group(method: str, budget: float, points: list[dict], tasks: list[str], params_kind: str,
+              window: int | None = None) -> Fit:
     """Fits one isoFLOP curve (Approach 2). `points`: {name, params, tokens, loss: {task: final
-    eval loss, or a list of them, one per seed}}; every seed is one observation of the fit."""
+    eval loss, or a list of them, one per seed}}; every seed is one observation of the fit.
+    `window`: fit only that many consecutive sizes centred on the best observed one."""
     points = sorted(points, key=lambda p: p["params"])
     u_pts = np.log([p["params"] for p in points])
     primary = tasks[0]
+    mean = [{t: float(np.mean(_as_list(v))) for t, v in p["loss"].items()} for p in points]
+    best = min(range(len(points)), key=lambda i: mean[i][primary])
+    sel = window_around(best, len(points), window)
     coeffs: dict[str, tuple | None] = {}
     for t in tasks:
-        obs = [(_as_list(p["loss"][t]) if t in p["loss"] else None) for p in points]
-        if len(points) >= 3 and None not in obs:
-            u = np.concatenate([np.full(len(o), ui) for o, ui in zip(obs, u_pts)])
+        obs = [(_as_list(points[i]["loss"][t]) if t in points[i]["loss"] else None) for i in sel]
+        if len(sel) >= 3 and None not in obs:
+            u = np.concatenate([np.full(len(o), u_pts[i]) for o, i in zip(obs, sel)])
             coeffs[t] = fit_parabola(u, np.concatenate(obs))
         else:
             coeffs[t] = None
-    mean = [{t: float(np.mean(_as_list(v))) for t, v in p["loss"].items()} for p in points]
     note, from_fit = "", False
-    best = min(range(len(points)), key=lambda i: mean[i][primary])
     u_star = float(u_pts[best])
     if coeffs[primary] is None:
         note = f"{len(points)} sizes (< 3): best observed point"
@@ -135,10 +152,11 @@ def fit_group(method: str, budget: float, points: list[dict], tasks: list[str], 
         note = "non-convex fit: best observed point"
     else:
         u_v, _ = vertex(*coeffs[primary])
-        if u_pts.min() <= u_v <= u_pts.max():
+        if u_pts[sel[0]] <= u_v <= u_pts[sel[-1]]:
             u_star, from_fit = u_v, True
         else:
-            note = f"vertex at {math.exp(u_v):.3g} params lies outside the sampled sizes: best observed point"
+            where = "the sampled sizes" if len(sel) == len(points) else "the fitted window of sizes"
+            note = f"vertex at {math.exp(u_v):.3g} params lies outside {where}: best observed point"
     loss = {}
     for t in tasks:
         if from_fit and coeffs[t] is not None:
@@ -150,7 +168,7 @@ def fit_group(method: str, budget: float, points: list[dict], tasks: list[str], 
     tokens = math.exp(np.interp(u_star, u_pts, np.log([p["tokens"] for p in points])))
     n_star = math.exp(u_star) if from_fit else points[best]["params"]
     seeds = max(len(_as_list(p["loss"][primary])) for p in points)
-    return Fit(method, budget, params_kind, points, coeffs, n_star, tokens, loss,
+    return Fit(method, budget, params_kind, points, [points[i]["name"] for i in sel], coeffs, n_star, tokens, loss,
                {t: math.exp(v) for t, v in loss.items()}, from_fit, note, seeds)
 
 
@@ -284,7 +302,7 @@ def _ci(samples) -> list[float] | None:
 
 
 def bootstrap(groups: dict, tasks: list[str], params_kind: str, num_samples: int, seed: int = 0,
-              parametric: int = 0, parametric_starts: dict | None = None) -> dict:
+              parametric: int = 0, parametric_starts: dict | None = None, window: int | None = None) -> dict:
     """Bootstrap samples of both estimates: {(method, budget): {"approach2": [sample dicts],
     "approach3": [sample dicts]}}; Approach 3 (≈ 0.2 s a refit) on the first `parametric`
     samples only. `parametric_starts`: {method: the full-data solution}; each refit starts there
@@ -295,7 +313,7 @@ def bootstrap(groups: dict, tasks: list[str], params_kind: str, num_samples: int
     for i in range(num_samples):
         g = resample_seeds(groups, rng)
         for key, pts in g.items():
-            f = fit_group(key[0], key[1], pts, tasks, params_kind)
+            f = fit_group(key[0], key[1], pts, tasks, params_kind, window)
             out[key]["approach2"].append({"optimal_params": f.optimal_params, "optimal_tokens": f.optimal_tokens,
                                           "optimal_loss": f.optimal_loss, "from_fit": f.from_fit})
         if i >= parametric:
@@ -403,12 +421,13 @@ def collect(roots: list[str | Path], params_kind: str) -> tuple[dict[tuple[str, 
 
 
 def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int = 0, seed: int = 0,
-            parametric: bool = True, parametric_samples: int | None = None) -> tuple[list[Fit], dict]:
+            parametric: bool = True, parametric_samples: int | None = None,
+            window: int | None = None) -> tuple[list[Fit], dict]:
     """Approach 2 per (method, budget) and Approach 3 per method, with bootstrap intervals and
     PEER's comparisons. Returns (fits, {method: parametric fit with its ci95})."""
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     keys = sorted(groups, key=lambda k: (k[1], order.get(k[0], 99), k[0]))
-    fits = [fit_group(m, b, groups[(m, b)], tasks, params_kind) for m, b in keys]
+    fits = [fit_group(m, b, groups[(m, b)], tasks, params_kind, window) for m, b in keys]
     by_key = {(f.method, f.budget): f for f in fits}
     primary = tasks[0]
     params: dict[str, dict] = {}
@@ -427,7 +446,7 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
     starts = {m: tuple(p["x"]) for m, p in params.items()}
     n3 = bootstrap_samples if parametric_samples is None else min(parametric_samples, bootstrap_samples)
     samples = bootstrap(groups, tasks, params_kind, bootstrap_samples, seed, parametric=n3 if params else 0,
-                        parametric_starts=starts)
+                        parametric_starts=starts, window=window)
     for f in fits:
         s = samples[(f.method, f.budget)]
         f.ci95 = intervals_approach2(s["approach2"], tasks)
@@ -499,8 +518,9 @@ def plot(fits: list[Fit], task: str, path: Path, params_kind: str) -> None:
         line = ax.errorbar(xs, ys, yerr=yerr if f.seeds > 1 else None, fmt="o", color=color, ms=3.5,
                            capsize=2, lw=0.8)[0]
         color = line.get_color()
-        if f.coeffs.get(task) is not None:
-            grid = np.linspace(np.log(xs.min()), np.log(xs.max()), 100)
+        if f.coeffs.get(task) is not None:  # drawn over the sizes it was fitted to
+            fitted = [p["params"] for p in pts if p["name"] in f.fit_points]
+            grid = np.linspace(np.log(min(fitted)), np.log(max(fitted)), 100)
             a, b, c = f.coeffs[task]
             ax.plot(np.exp(grid), np.exp(a * grid**2 + b * grid + c), ls, color=color, label=_label(f), lw=1.2)
         else:
@@ -575,13 +595,21 @@ def _cell(value: float, ci: list | None, fmt: str = ".2f") -> str:
     return f"{value:{fmt}}" if ci is None else f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
+def _window_note(fits: list[Fit]) -> str:
+    cut = [f for f in fits if len(f.fit_points) < len(f.points)]
+    if not cut:
+        return ""
+    w = max(len(f.fit_points) for f in cut)
+    return f"; a curve with more than {w} sizes is fitted to the {w} consecutive sizes around its best"
+
+
 def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametric: dict | None = None) -> str:
     cols = sorted(tasks, key=lambda t: (COLUMN_ORDER.index(t) if t in COLUMN_ORDER else len(COLUMN_ORDER), t))
     seeds = max(f.seeds for f in fits)
     ci_note = " [bootstrap 95 % interval over seeds]" if any(f.ci95 for f in fits) else ""
     lines = [f"Perplexity of each method's compute-optimal model{ci_note}; optimum chosen on `{tasks[0]}`, "
              f"size = {params_kind.replace('_', ' ')} parameters; up to {seeds} seed(s) per point.", "",
-             "**Approach 2** (vertex of the parabola in ln N):", "",
+             "**Approach 2** (vertex of the parabola in ln N" + _window_note(fits) + "):", "",
              "| method, budget | " + " | ".join(cols) + " | optimal params | optimal tokens |",
              "|---|" + "---|" * len(cols) + "---|---|"]
     for f in fits:
@@ -651,7 +679,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="of those, how many also refit Approach 3 (≈ 0.2 s per method each)")
     p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--no_parametric", action="store_true", help="skip Approach 3 (the L(N, D) fit)")
+    p.add_argument("--window", type=int, default=5,
+                   help="Approach 2 fits the WINDOW consecutive sizes centred on the best one (0: every size)")
     args = p.parse_args(argv)
+    if args.window and args.window < 3:
+        p.error(f"--window {args.window}: a parabola needs at least 3 sizes (0 fits every size)")
     groups, tasks = collect(args.root, args.params)
     if not groups:
         print(f"no finished runs (summary.json with status 'done') under {args.root}; for runs trained with "
@@ -659,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
               "`isoflop_sweep.py GRID --root ROOT --summarize` first", file=sys.stderr)
         return 1
     fits, parametric = fit_all(groups, tasks, args.params, args.bootstrap, args.bootstrap_seed,
-                               parametric=not args.no_parametric, parametric_samples=args.bootstrap_parametric)
+                               parametric=not args.no_parametric, parametric_samples=args.bootstrap_parametric,
+                               window=args.window)
     out = Path(args.out or Path(args.root[0]) / "fit")
     out.mkdir(parents=True, exist_ok=True)
     for i, t in enumerate(tasks):
@@ -669,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "isoflop_table.md").write_text(table)
     (out / "isoflop_fit.json").write_text(json.dumps(
         {"params_kind": args.params, "eval_tasks": tasks, "roots": [str(r) for r in args.root],
+         "approach2_window": args.window or None,
          "bootstrap": {"samples": args.bootstrap, "parametric_samples": min(args.bootstrap, args.bootstrap_parametric),
                        "seed": args.bootstrap_seed,
                        "resampling": "seeds of each point, with replacement"},

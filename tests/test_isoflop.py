@@ -205,6 +205,28 @@ def test_fit_recovers_the_vertex_of_a_parabola():
     assert not g.from_fit and g.optimal_params in sizes and "non-convex" in g.note
 
 
+def test_fit_window_keeps_far_sizes_from_dragging_the_vertex():
+    # A curve that is a parabola near its optimum and flattens far to its right (as isoFLOP curves
+    # do at sizes trained on too few tokens): all seven sizes pull the vertex; the five around the
+    # best are exactly parabolic, so the window recovers the true vertex.
+    u_star, a, c = math.log(2e6), 0.4, 2.0
+    sizes = [5e5, 1e6, 2e6, 4e6, 8e6, 3.2e7, 1.28e8]
+    def loss(n):
+        u = math.log(n) - u_star
+        return a * u * u + c if n <= 8e6 else a * math.log(4) ** 2 + c + 0.05 * (math.log(n) - math.log(8e6))
+    pts = [{"name": f"p{i}", "params": n, "tokens": 1e9 / n, "loss": {"kjv": loss(n)}} for i, n in enumerate(sizes)]
+    every = fit.fit_group("peer", 5e12, pts, ["kjv"], "active_non_embedding")
+    win = fit.fit_group("peer", 5e12, pts, ["kjv"], "active_non_embedding", window=5)
+    assert len(every.fit_points) == 7 and win.fit_points == ["p0", "p1", "p2", "p3", "p4"]
+    assert win.from_fit and win.optimal_params == pytest.approx(2e6, rel=1e-6)
+    assert abs(math.log(every.optimal_params / 2e6)) > 0.1  # the far sizes moved it by > 10 %
+    # The window is centred on the best size and shifted inward at the ends.
+    assert list(fit.window_around(3, 7, 5)) == [1, 2, 3, 4, 5]
+    assert list(fit.window_around(0, 7, 5)) == [0, 1, 2, 3, 4]
+    assert list(fit.window_around(6, 7, 3)) == [4, 5, 6]
+    assert list(fit.window_around(2, 4, 5)) == list(fit.window_around(2, 4, 0)) == [0, 1, 2, 3]
+
+
 def _fake_summary(root: Path, method, budget, params, loss, status="done", tokens=1e6):
     name = f"{method}_{budget:g}_{params:g}"
     (root / name).mkdir(parents=True)
