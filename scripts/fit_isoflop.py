@@ -35,7 +35,9 @@ with replacement (as many draws as it has seeds) and the estimates are recompute
 the rules above (fallbacks included): Approach 2 in every sample, Approach 3 in the first
 `--bootstrap_parametric` (default 200; each refit starts from the full-data solution and one
 other point). `ci95` is the 2.5–97.5 % percentile interval.
-PEER is compared with every other method at every budget: the fraction of bootstrap samples
+Intervals and comparisons are given only for curves (method × budget) with at least one point
+run with two or more seeds; a curve of single-seed points gets none (null), whatever other
+curves have. PEER is compared with every other method at every budget: the fraction of bootstrap samples
 in which PEER's compute-optimal loss is lower (samples of different methods are independent
 runs, so sample i of one is paired with sample i of the other). With one seed per point every
 interval collapses to the estimate and is reported as null. Two seeds give crude intervals
@@ -448,6 +450,8 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
     samples = bootstrap(groups, tasks, params_kind, bootstrap_samples, seed, parametric=n3 if params else 0,
                         parametric_starts=starts, window=window)
     for f in fits:
+        if f.seeds < 2:  # no point of this curve has a replicate: resampling cannot move it
+            continue
         s = samples[(f.method, f.budget)]
         f.ci95 = intervals_approach2(s["approach2"], tasks)
         f.bootstrap_from_fit = float(np.mean([x["from_fit"] for x in s["approach2"]]))
@@ -459,12 +463,12 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
         params[m]["bootstrap_failures"] = sum(
             x is None for (mm, _), s in samples.items() if mm == m for x in s["approach3"])
     for f in fits:
-        if f.method != REFERENCE:
+        if f.method != REFERENCE or f.seeds < 2:
             continue
         ref = samples[(f.method, f.budget)]
         f.p_peer_lower = {}
         for g in fits:
-            if g.budget != f.budget or g.method == REFERENCE:
+            if g.budget != f.budget or g.method == REFERENCE or g.seeds < 2:
                 continue
             other = samples[(g.method, g.budget)]
             cmp = {"approach2": {t: p_lower([x["optimal_loss"].get(t) for x in ref["approach2"]],

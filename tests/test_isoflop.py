@@ -306,6 +306,17 @@ def test_one_seed_gives_no_intervals_and_seeds_resample_per_point():
     groups = _seeded_groups(rng, truth=truth, seeds=1)
     fits, _ = fit.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
     assert all(f.ci95 is None and f.seeds == 1 for f in fits)
+    # Curves without replicates get no interval even when other curves have them (a degenerate
+    # [x, x] would read as certainty), and PEER is compared only where both sides have seeds.
+    mixed = {**_seeded_groups(rng, truth=truth, budgets=(1e12,), seeds=3),
+             **_seeded_groups(rng, truth=truth, budgets=(3e12,), seeds=1),
+             **_seeded_groups(rng, method="dense", truth=truth, budgets=(1e12, 3e12), seeds=3)}
+    fits, _ = fit.fit_all(mixed, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
+    by = {(f.method, f.budget): f for f in fits}
+    assert by[("peer", 3e12)].ci95 is None and by[("peer", 3e12)].p_peer_lower is None
+    assert by[("dense", 3e12)].ci95 is not None
+    lo, hi = by[("peer", 1e12)].ci95["optimal_loss"]["kjv"]
+    assert lo < hi and set(by[("peer", 1e12)].p_peer_lower) == {"dense"}
     groups = _seeded_groups(rng, truth=truth, seeds=3)
     sample = fit.resample_seeds(groups, np.random.default_rng(1))
     for key, pts in groups.items():
