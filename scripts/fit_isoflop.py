@@ -39,8 +39,7 @@ Intervals and comparisons are given only for curves (method × budget) with at l
 run with two or more seeds; a curve of single-seed points gets none (null), whatever other
 curves have. PEER is compared with every other method at every budget: the fraction of bootstrap samples
 in which PEER's compute-optimal loss is lower (samples of different methods are independent
-runs, so sample i of one is paired with sample i of the other). With one seed per point every
-interval collapses to the estimate and is reported as null. Two seeds give crude intervals
+runs, so sample i of one is paired with sample i of the other). Two seeds give crude intervals
 (each point's mean takes only 3 values); they measure seed noise of the runs, not the choice
 of shapes or budgets.
 
