@@ -206,7 +206,8 @@ MINI2 = dataclasses.replace(
     # L1 d24 at 1e12 and L1 d32 at 3e12: PEER's and PKM's optima sat at the smallest shape of
     # both budgets in seed 0 (1e12: L1 d32; 3e12: L1 d48). L1 d16 at 1e12: with d24 added, the
     # optima of PEER, PKM and MoE-EC still sat at the smallest shape (PEER's vertex below it).
-    budgets={1e12: _shapes((1, 16, 1), (1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[:7], 1e13: MINI2_SHAPES[2:]},
+    # L1 d48 at 1e13: PEER's seed-0 optimum there was L2 d48, the smallest 1e13 shape.
+    budgets={1e12: _shapes((1, 16, 1), (1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[:7], 1e13: MINI2_SHAPES[1:]},
     train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train),
     peak_lr=MINI2_PEAK_LR,
     description="CPU isoFLOP study on the embedded KJV corpus (bytes), per-method peak LR from the 1e12 sweep; "
