@@ -76,11 +76,27 @@ RULES_FSDP_EXPERT_TABLES: LogicalRules = tuple(
     (name, ("expert", "data")) if name == "expert_rows" else (name, axes) for name, axes in RULES_DEFAULT
 )
 
+# Memory-parallel PEER/PKM tables (layers/expert_tables.py): the columns of every table split over
+# the `model` × `expert` group (PEER/PKM models have no MoE layer, so `expert` is free), its rows
+# replicated over `data`. The batch stays over (`data`, `expert`): inside the lookup the tokens'
+# activations and routing go to the column slices, and the tables never move.
+RULES_MEMORY_PARALLEL: LogicalRules = tuple(
+    (name, {"expert_rows": None, "expert_embed": ("model", "expert")}.get(name, axes)) for name, axes in RULES_DEFAULT
+)
+
+# The same with the table rows (and their Adam moments) split over `data` too, stored once per
+# pod instead of once per group: all-gathered for the lookup, their gradient reduce-scattered.
+RULES_MEMORY_PARALLEL_FSDP: LogicalRules = tuple(
+    (name, "data") if name == "expert_rows" else (name, axes) for name, axes in RULES_MEMORY_PARALLEL
+)
+
 RULE_PRESETS: dict[str, LogicalRules] = {
     "default": RULES_DEFAULT,
     "data_parallel": RULES_DATA_PARALLEL,
     "fsdp": RULES_FSDP,
     "fsdp_expert_tables": RULES_FSDP_EXPERT_TABLES,
+    "memory_parallel": RULES_MEMORY_PARALLEL,
+    "memory_parallel_fsdp": RULES_MEMORY_PARALLEL_FSDP,
 }
 
 

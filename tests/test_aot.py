@@ -142,6 +142,33 @@ def test_expert_tables_over_data_all_gather_rows_and_reduce_scatter_grads(aot):
     assert state(fsdp) <= state(default) - 3 * 2 * table / 2  # tables and both Adam moments halved
 
 
+@pytest.mark.parametrize("layer,tables", [("peer", 2), ("pkm", 1)])
+def test_memory_parallel_moves_tokens_not_tables(aot, layer, tables):
+    """`memory_parallel` on a v5e 2x2 as (data 1, expert 2, model 2): the tables stay split over
+    the 4-device group, so no table gradient is summed anywhere, and the lookup's traffic is the
+    group's routing and activations (all-gather, all-to-all), as `peer_jax.comm_model` counts it.
+    The d-split of the default rules on (data 2, model 2) all-reduces the tables' gradients over
+    the two data replicas instead."""
+    from peer_jax import comm_model
+
+    files = ["configs/base.gin", f"configs/models/{layer}_tiny.gin"]
+    split = aot.compile_train_step(files, TINY, "v5e:2x2", mesh_shape=(2, 1, 2))
+    mp = aot.compile_train_step(files, TINY, "v5e:2x2", mesh_shape=(1, 2, 2), rules="memory_parallel")
+    for r in (split, mp):
+        _check_report(r)
+    table = 128**2 * 64 * 4 // 2  # one table's gradient per device: N = 128² × d 64 float32, d over model = 2
+    g_split, g_mp = split["collectives"]["by_kind"], mp["collectives"]["by_kind"]
+    assert g_split["all-reduce"]["bytes"] >= tables * table > g_mp["all-reduce"]["bytes"]
+    assert g_mp["all-to-all"]["count"] > 0 == g_split["all-to-all"]["count"]
+    model = comm_model.lookup_bytes(tokens=8 * 64, slots=4 * 8 if layer == "peer" else 4 * 16, d=64, rows=128**2,
+                                    tables=tables, data=1, expert=2, model=2, act_bytes=4)
+    assert model.table_grad_all_reduce == 0
+    # The routing all-gather of the model is in the compiled program (other layers gather nothing here).
+    assert g_mp["all-gather"]["bytes"] >= model.routing_all_gather
+    state = lambda r: sum(r["state_bytes_per_device"].values())  # noqa: E731
+    assert state(mp) <= state(split) - 3 * tables * table / 2  # tables and both Adam moments over 4, not 2
+
+
 def test_sparsecore_gather_offload_is_reported(aot):
     files = ["configs/base.gin", "configs/models/peer_tiny.gin"]
     off = aot.compile_train_step(files, TINY, "v5p:2x2x1", mesh_shape=(2, 1, 2))

@@ -1,6 +1,6 @@
-"""The `fsdp_expert_tables` rules preset: PEER/PKM table rows split over `data` (d_model over
-`model`), their Adam moments sharded the same way, and a train step on 8 fake CPU devices
-equal to the single-device step."""
+"""The table rules presets (`fsdp_expert_tables`: PEER/PKM table rows split over `data`, d_model over
+`model`; `memory_parallel`: d_model over `model` × `expert`): Adam moments sharded like the
+tables, and a train step on 8 fake CPU devices equal to the single-device step."""
 
 import functools
 
@@ -45,16 +45,26 @@ def _one_step(layer, mesh_shape, devices, rules):
     return float(metrics["loss"]), new_state
 
 
-@pytest.mark.parametrize("layer", ["peer", pytest.param("pkm", marks=pytest.mark.slow)])
-def test_table_rows_over_data_equal_single_device(layer):
+@pytest.mark.parametrize(
+    "layer,preset,mesh_shape,spec,shard",
+    [("peer", "fsdp_expert_tables", (4, 1, 2), P(("expert", "data"), "model"), (16**2 // 4, 32 // 2)),
+     pytest.param("pkm", "fsdp_expert_tables", (4, 1, 2), P(("expert", "data"), "model"), (16**2 // 4, 32 // 2),
+                  marks=pytest.mark.slow),
+     ("peer", "memory_parallel", (2, 4, 1), P(None, ("model", "expert")), (16**2, 32 // 4)),
+     ("pkm", "memory_parallel", (2, 4, 1), P(None, ("model", "expert")), (16**2, 32 // 4))],
+)
+def test_train_step_equals_single_device(layer, preset, mesh_shape, spec, shard):
+    """A whole train step (model, loss, optimizer) on 8 devices equals the single-device step:
+    `fsdp_expert_tables` (rows over data, columns over model) and `memory_parallel` (columns over
+    the 4 devices of the expert axis, replicated over data; the tokens move to the tables)."""
     loss1, state1 = _one_step(layer, (1, 1, 1), jax.devices()[:1], sharding.RULES_DEFAULT)
-    loss8, state8 = _one_step(layer, (4, 1, 2), jax.devices(), sharding.get_rules("fsdp_expert_tables"))
+    loss8, state8 = _one_step(layer, mesh_shape, jax.devices(), sharding.get_rules(preset))
     ffw = state8["params"]["blocks"][1]["ffw"]
-    table = ffw["u"] if layer == "peer" else ffw["values"]
-    assert table.sharding.spec == P(("expert", "data"), "model")  # rows over data, d over model
-    trace = state8["opt_state"][0].trace["blocks"][1]["ffw"]["u" if layer == "peer" else "values"]
-    assert trace.sharding.spec == table.sharding.spec  # optimizer state sharded like the table
-    assert trace.addressable_shards[0].data.shape == (16**2 // 4, 32 // 2)
+    name = "u" if layer == "peer" else "values"
+    assert ffw[name].sharding.spec == spec
+    trace = state8["opt_state"][0].trace["blocks"][1]["ffw"][name]
+    assert trace.sharding.spec == spec  # optimizer state sharded like the table
+    assert trace.addressable_shards[0].data.shape == shard
     np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  jax.device_get(state8["params"]), jax.device_get(state1["params"]))

@@ -1,7 +1,7 @@
 """The C++ kernels of peer_jax.native against plain numpy, and their build/cache/error handling.
 
 Layer-level equality (PEER and PKM with compute='native' == 'naive', values and gradients,
-single device and on 8 fake devices) lives in test_peer.py, test_pkm.py and test_peer_sharded.py.
+single device and on 8 fake devices) lives in test_peer.py, test_pkm.py and test_table_lookup.py.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""PKM: brute-force reference, efficient == naive, sharded == unsharded (8 fake devices)."""
+"""PKM: brute-force reference, efficient == naive (sharded lookups: test_table_lookup.py)."""
 
 import math
 
@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from peer_jax import sharding as shd
 from peer_jax.layers.pkm import PKM
 from peer_jax.layers.product_keys import brute_force_scores
 
@@ -58,27 +56,6 @@ def test_optimised_paths_equal_naive_values_and_grads(compute):
     np.testing.assert_allclose(me, mn, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ge, gn)
     assert float(jnp.sum(me)) == pytest.approx(H * float(jnp.sum(MASK)), rel=1e-5)  # softmax mass per head
-
-
-@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (2, 2, 2)])
-def test_sharded_equals_unsharded(mesh_shape):
-    model = make()
-    gdef, state = nnx.split(model)
-
-    def step(state, x):
-        return loss_and_grads(nnx.merge(gdef, state), x)
-
-    ref = jax.jit(step)(state, X)
-    mesh = shd.make_mesh(mesh_shape)
-    rules = shd.RULES_DEFAULT
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        sharded_state = jax.device_put(state, shd.state_shardings(state, mesh, rules))
-        x = jax.device_put(X, NamedSharding(mesh, P(("data", "expert"), None, None)))
-        jstep = jax.jit(step)
-        assert "shard_map" in str(jax.make_jaxpr(jstep)(sharded_state, x))
-        got = jstep(sharded_state, x)
-    assert sharded_state["values"].sharding.spec == P("expert", "model")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), got, ref)
 
 
 def test_paper_defaults_and_validation():

@@ -5,12 +5,10 @@
 The retrieval (query, BatchNorm, product-key top-k, scores) is a ``ProductKeyRouter`` that this
 layer holds; the layer owns the expert tables and the expert computation.
 
-Sharding: the tables ``u, v: [N, d]`` are split along d_model (``layers/expert_tables.py`` says
-why). Inside ``jax.shard_map`` every device computes partial dot products
-``u_i[slice]ᵀ x[slice]`` for its tokens, and a ``psum`` over ``model`` of only the
-``[tokens, h·k]`` scalars completes ``u_iᵀx``; activation and router weights are applied
-locally, and each device writes its d-slice of the output. Communication per token is h·k
-floats, independent of d and of which experts were picked.
+Sharding: the tables ``u, v: [N, d]`` are split along d_model and never move; the layer's
+``TableLookup`` (``layers/expert_tables.py``) runs ``_experts`` on each device's column slice,
+with the ``[tokens, h·k]`` partial dot products ``u_i[slice]ᵀ x[slice]`` summed over the slices.
+In the memory-parallel layout the tokens' activations and routing come to the tables instead.
 """
 
 from __future__ import annotations
@@ -50,7 +48,10 @@ class PEER(nnx.Module):
         backend's multithreaded C++ kernels, ``peer_jax/backends/cpu.py``; exact, so
         ``approx_topk`` is ignored; CPU and float32 only, built with g++ on first use), or
         'naive' (gathers ``[tokens, h, k, d]`` twice and keeps them for backward; the reference).
-      sharded_lookup: use the d-split shard_map lookup when the mesh has a ``model`` axis > 1.
+      sharded_lookup: run the lookup as the explicit shard_map of ``layers/expert_tables.py`` when
+        the rules split the table columns over mesh axes of size > 1 (d-split or memory-parallel).
+      grad_reduce_dtype: dtype in which the table gradients are summed over table replicas (e.g.
+        ``'bfloat16'`` halves those bytes); None sums in the table's dtype.
       slot_block: slots (of the h·k per token) gathered per loop step by 'efficient'. 1 (one
         ``[tokens, d]`` gather per step) keeps the loop temporaries smallest and was fastest on
         CPU (docs/peer_speed.md); larger blocks mean fewer, larger gathers.
@@ -80,6 +81,7 @@ class PEER(nnx.Module):
         per_head_keys: bool = False,
         compute: str = "efficient",
         sharded_lookup: bool = True,
+        grad_reduce_dtype: str | None = None,
         slot_block: int = 1,
         approx_topk: bool = False,
         route_chunk_tokens: int | None = 512,
@@ -100,6 +102,7 @@ class PEER(nnx.Module):
 
         self.d_model, self.num_experts = d_model, num_experts
         self.activation, self.compute, self.sharded_lookup = activation, compute, sharded_lookup
+        self.lookup = tables.TableLookup("PEER", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -126,46 +129,14 @@ class PEER(nnx.Module):
 
     # ------------------------------------------------------------------ experts
 
-    def _experts_local(self, x, idx, g) -> jax.Array:
-        b, t, d = x.shape
-        s = self.heads * self.top_k
-        out = ec.peer_experts(
-            x.reshape(b * t, d), self.u[...], self.v[...], idx.reshape(b * t, s), g.reshape(b * t, s),
-            activation=self.activation, compute=self.compute, dtype=self.dtype, block=self.slot_block,
-        )
-        return out.reshape(b, t, d)
-
-    def _experts_sharded(self, x, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
-        """The d-split lookup of the module docstring, as an explicit ``jax.shard_map``."""
-        b, t, d = x.shape
-        s = self.heads * self.top_k
-        x_spec, route_spec, table_spec, all_axes = tables.lookup_specs(b, t, model_axes, rules)
-        act = activations.elementwise(self.activation)
-        compute, dtype, block = self.compute, self.dtype, self.slot_block
-
-        def local(x, u, v, idx, g):
-            lb, lt, ld = x.shape
-            xm, idxm, gm = x.reshape(lb * lt, ld), idx.reshape(lb * lt, s), g.reshape(lb * lt, s)
-            # Every operand of a gather-compute varies over tokens *and* d-slices; the pcast's
-            # transpose sums table grads over token shards and router grads over d-slices.
-            a_part = ec.expert_pre_activations(
-                shd.vary(xm, all_axes), shd.vary(u, all_axes), shd.vary(idxm, all_axes),
-                compute=compute, dtype=dtype, block=block,
-            )
-            a = jax.lax.psum(a_part, model_axes)  # [tokens, h·k] scalars: the only collective
-            coef = gm.astype(jnp.float32) * act(a)
-            out = ec.expert_outputs(
-                shd.vary(v, all_axes), shd.vary(idxm, all_axes), shd.vary(coef, all_axes),
-                compute=compute, dtype=dtype, block=block,
-            )
-            return out.reshape(lb, lt, ld)
-
-        fn = jax.shard_map(
-            local,
-            in_specs=(x_spec, table_spec, table_spec, route_spec, route_spec),
-            out_specs=x_spec,
-        )
-        return fn(x, self.u[...], self.v[...], idx.reshape(b, t, s), g.reshape(b, t, s))
+    def _experts(self, x, tabs, idx, g, reduce) -> jax.Array:
+        """``Σ_s g_s · σ(u_sᵀx) · v_s`` on one column slice of the tables (``TableLookup``);
+        ``reduce`` completes ``u_sᵀx`` over the slices."""
+        u, v = tabs
+        kw = dict(compute=self.compute, dtype=self.dtype, block=self.slot_block)
+        a = reduce(ec.expert_pre_activations(x, u, idx, **kw))  # [tokens, h·k]: u_iᵀx
+        coef = g.astype(jnp.float32) * activations.elementwise(self.activation)(a)
+        return ec.expert_outputs(v, idx, coef, **kw)
 
     # ------------------------------------------------------------------ call
 
@@ -180,12 +151,10 @@ class PEER(nnx.Module):
             raise ValueError(f"PEER expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
         g, idx = self.router(x, mask=mask, train=train)
         intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
-        sharded = tables.lookup_axes("PEER", self.d_model, self.sharded_lookup)
-        if sharded is None:
-            out = self._experts_local(x, idx, g)
-        else:
-            out = self._experts_sharded(x, idx, g, *sharded)
-        return shd.constrain(out.astype(x.dtype), ("batch", "length", "embed"))
+        s = self.heads * self.top_k
+        out = self.lookup(self._experts, (self.u[...], self.v[...]), idx.reshape(*x.shape[:2], s),
+                          g.reshape(*x.shape[:2], s), x, out_dtype=x.dtype)
+        return shd.constrain(out, ("batch", "length", "embed"))
 
     def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
         """Retrieval + h·k single-neuron experts (σ, softmax, BN not counted); active parameters:

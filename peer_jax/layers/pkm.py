@@ -7,10 +7,8 @@ BatchNorm, product keys) like PEER's. Paper setting: N = 1024², h = 8, k = 32, 
 The read-out is the memory-efficient custom-VJP ``embedding_bag`` of ``expert_compute`` (no
 ``[tokens, h·k, d]`` gather is kept for the backward pass); ``expert_mass`` is sown per call as
 in PEER, so usage/unevenness are defined the same way. Sharding: the value table is split along
-d_model (``layers/expert_tables.py``), and the sharded lookup needs no collective at all: each
-device gathers its d-slice of every retrieved row and writes its d-slice of the output; only
-the router-weight gradient is summed over the slices (the transpose of the ``pcast`` to
-varying).
+d_model and read through the same ``TableLookup`` as PEER's tables (``layers/expert_tables.py``);
+no sum crosses the column slices, so the d-split lookup needs no collective in the forward pass.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ class PKM(nnx.Module):
         per_head_keys: bool = False,
         compute: str = "efficient",
         sharded_lookup: bool = True,
+        grad_reduce_dtype: str | None = None,
         slot_block: int = 1,
         approx_topk: bool = False,
         route_chunk_tokens: int | None = 512,
@@ -67,6 +66,7 @@ class PKM(nnx.Module):
 
         self.d_model, self.num_experts = d_model, num_experts
         self.compute, self.sharded_lookup = compute, sharded_lookup
+        self.lookup = tables.TableLookup("PKM", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -89,28 +89,13 @@ class PKM(nnx.Module):
     def top_k(self) -> int:
         return self.router.top_k
 
-    def _read_local(self, idx, g) -> jax.Array:
-        b, t = idx.shape[:2]
-        s = self.heads * self.top_k
-        out = ec.expert_outputs(self.values[...], idx.reshape(b * t, s), g.reshape(b * t, s).astype(jnp.float32),
-                                compute=self.compute, dtype=self.dtype, block=self.slot_block)
-        return out.reshape(b, t, -1)
-
-    def _read_sharded(self, idx, g, model_axes: tuple[str, ...], rules) -> jax.Array:
-        b, t = idx.shape[:2]
-        s = self.heads * self.top_k
-        x_spec, route_spec, table_spec, all_axes = tables.lookup_specs(b, t, model_axes, rules)
-        compute, dtype, block = self.compute, self.dtype, self.slot_block
-
-        def local(values, idx, g):
-            lb, lt, _ = idx.shape
-            idxm, gm = idx.reshape(lb * lt, s), g.reshape(lb * lt, s).astype(jnp.float32)
-            out = ec.expert_outputs(shd.vary(values, all_axes), shd.vary(idxm, all_axes), shd.vary(gm, all_axes),
-                                    compute=compute, dtype=dtype, block=block)
-            return out.reshape(lb, lt, values.shape[-1])
-
-        fn = jax.shard_map(local, in_specs=(table_spec, route_spec, route_spec), out_specs=x_spec)
-        return fn(self.values[...], idx.reshape(b, t, s), g.reshape(b, t, s))
+    def _read(self, x, tabs, idx, g, reduce) -> jax.Array:
+        """``Σ_s g_s · m_s`` on one column slice of the table (``TableLookup``); no sum crosses
+        the slices, so ``x`` and ``reduce`` are unused."""
+        del x, reduce
+        (values,) = tabs
+        return ec.expert_outputs(values, idx, g.astype(jnp.float32), compute=self.compute, dtype=self.dtype,
+                                 block=self.slot_block)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
         """``[B, T, d_model] -> [B, T, d_model]`` in ``x.dtype`` (``mask`` as in PEER)."""
@@ -118,12 +103,10 @@ class PKM(nnx.Module):
             raise ValueError(f"PKM expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
         g, idx = self.router(x, mask=mask, train=train)
         intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
-        sharded = tables.lookup_axes("PKM", self.d_model, self.sharded_lookup)
-        if sharded is None:
-            out = self._read_local(idx, g)
-        else:
-            out = self._read_sharded(idx, g, *sharded)
-        return shd.constrain(out.astype(x.dtype), ("batch", "length", "embed"))
+        s = self.heads * self.top_k
+        out = self.lookup(self._read, (self.values[...],), idx.reshape(*x.shape[:2], s), g.reshape(*x.shape[:2], s),
+                          out_dtype=x.dtype)
+        return shd.constrain(out, ("batch", "length", "embed"))
 
     def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
         """Retrieval + an embedding bag of h·k value rows (softmax, BN not counted). The memories
