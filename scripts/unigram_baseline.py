@@ -17,8 +17,9 @@ import numpy as np
 from peer_jax.data import pipeline, vocab as vocab_lib
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Default: the whole eval split (what peer_jax.eval and a run's final eval read).")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Default: the whole eval split (what peer_jax.eval and a run's final eval read).")
     p.add_argument("--task", default="kjv", help="training task whose train split gives the frequencies")
     p.add_argument("--eval_task", default="kjv", help="comma-separated eval tasks")
     p.add_argument("--split", default="validation", help="eval split (TrainConfig.eval_split)")

@@ -20,7 +20,8 @@ def tiny_config(**kw) -> TrainConfig:
         model=functools.partial(Transformer, num_layers=2, d_model=64, num_heads=2),
         optimizer=functools.partial(optim.make_optimizer, peak_lr=3e-3, warmup_steps=4),
         eval_tasks=("kjv",), seq_len=64, batch_size=16, num_steps=STEPS, log_every=1, eval_every=STEPS,
-        eval_batches=2, final_eval_batches=2, checkpoint_every=12, progress_bar=False, tensorboard=False, vocab_multiple=64,
+        eval_batches=2, final_eval_batches=2, checkpoint_every=12, progress_bar=False, tensorboard=False,
+        vocab_multiple=64,
     )
     return TrainConfig(**{**base, **kw})
 
