@@ -1,10 +1,13 @@
 """`python -m peer_jax.eval --gin_file=F --checkpoint_dir=DIR/checkpoints [--tasks=c4,lambada] [--step=N] [--distributed]`.
 
 On a pod every host runs the same command with `--distributed`; each evaluates its block of
-every batch, the hosts agree on the number of steps per task, and process 0 writes. Restores a checkpoint (latest or `--step`) into the run's shardings and reports token-level
-loss and perplexity on each eval task (padding never counts; the last partial batch is padded
-with weight-0 rows), plus expert usage/unevenness for PEER/PKM layers and load spread for MoE.
-Prints a table and writes `eval_step<N>.json` next to the checkpoint.
+every batch, the hosts agree on the number of steps per task, and process 0 writes. Restores
+a checkpoint (latest or `--step`) into the run's shardings and reports token-level loss and
+perplexity on each eval task over the whole split unless `--max_batches` caps it (padding
+never counts; the last partial batch is padded with weight-0 rows): the figures a training
+run's final eval logs as `eval/<task>/...` (peer_jax/training/evaluate.py), with `tokens`
+read of `split_tokens`, plus expert usage/unevenness for PEER/PKM layers and load spread for
+MoE. Prints a table and writes `eval_step<N>.json` next to the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
     from flax import nnx
 
     from peer_jax import sharding
-    from peer_jax.data import eval_tasks, pipeline, tasks as tasks_lib, vocab as vocab_lib
+    from peer_jax.data import eval_tasks, vocab as vocab_lib
     from peer_jax.training import checkpoint as ckpt, evaluate as eval_lib, loop, step as step_lib
 
     mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -47,23 +50,22 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
         with ckpt.close_on_error(mngr):
             state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shardings, setup)
-        shard, shards = loop.batch_shard(mesh, rules, cfg, bs)
-        results = {}
-        for task in tasks:
-            batches = pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, vocab, bs, max_batches,
-                                           shard_index=shard, num_shards=shards)
-            results[task] = eval_lib.evaluate(eval_step, setup, state["params"], state["model_state"], batches,
-                                              pipeline.empty_batch(bs // shards, cfg.seq_len), bs,
-                                              hosts_agree=tasks_lib.tfds_name(task) is not None)
+        shard = loop.batch_shard(mesh, rules, cfg, bs)
+        results = {task: eval_lib.evaluate_task(eval_step, setup, state["params"], state["model_state"], task,
+                                                split=cfg.eval_split, seq_len=cfg.seq_len, vocab=vocab,
+                                                global_rows=bs, shard=shard, max_batches=max_batches)[0]
+                   for task in tasks}
         mngr.close()
     return {"step": int(state["step"]), "tasks": results}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"step {result['step']}", f"{'task':<14}{'loss':>9}{'ppl':>11}{'tokens':>12}  expert statistics"]
+    lines = [f"step {result['step']}",
+             f"{'task':<14}{'loss':>9}{'ppl':>11}{'tokens':>12}{'of split':>12}  expert statistics"]
     for task, m in result["tasks"].items():
-        extra = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("loss", "ppl", "tokens"))
-        lines.append(f"{task:<14}{m['loss']:>9.4f}{m['ppl']:>11.3f}{int(m['tokens']):>12d}  {extra}")
+        extra = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("loss", "ppl", "tokens", "split_tokens"))
+        size = f"{int(m['split_tokens']):>12d}" if "split_tokens" in m else f"{'?':>12}"
+        lines.append(f"{task:<14}{m['loss']:>9.4f}{m['ppl']:>11.3f}{int(m['tokens']):>12d}{size}  {extra}")
     return "\n".join(lines)
 
 

@@ -96,15 +96,37 @@ def test_missing_eval_file_is_a_clear_error(eval_dir):
         pipeline.packed_arrays("wikitext103", "validation", 32, byte, use_cache=False)
 
 
-def test_eval_cli_restores_a_checkpoint(tmp_path, eval_dir):
+def test_a_runs_final_eval_is_peer_jax_eval_on_its_checkpoint(tmp_path, eval_dir):
+    """Intermediate evals read the fixed subset (`eval_subset/...`); the final eval reads every token
+    of every task's split (`eval/...`) and equals `peer_jax.eval` on the run's final checkpoint.
+
+    Tolerance: none. Both run the same compiled eval step on the same restored parameters over
+    the same batches in the same order, summing in the same order, so the figures are the same
+    floats; a difference would mean the two read different tokens or different weights."""
     cfg = TrainConfig(model=FACTORY, optimizer=functools.partial(optim.make_optimizer, warmup_steps=1),
-                      eval_tasks=("kjv",), seq_len=64, batch_size=8, num_steps=3, log_every=1, eval_every=3,
-                      eval_batches=2, checkpoint_every=3, progress_bar=False, tensorboard=False, vocab_multiple=64)
+                      eval_tasks=("kjv", "lambada"), seq_len=64, batch_size=8, num_steps=4, log_every=1,
+                      eval_every=2, eval_batches=2, eval_batch_size=64, checkpoint_every=4, progress_bar=False,
+                      tensorboard=False, vocab_multiple=64)
     trained = loop.train(cfg, str(tmp_path))
-    res = run_eval(cfg, str(tmp_path / "checkpoints"), ["kjv", "lambada"], max_batches=2)
-    assert res["step"] == 3
-    np.testing.assert_allclose(res["tasks"]["kjv"]["loss"], trained["eval/kjv/loss"], rtol=1e-6)
-    assert res["tasks"]["lambada"]["tokens"] > 0 and "lambada" in format_table(res)
+    byte = vocab_lib.vocabulary("byte")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mid, final = [r for r in rows if r["step"] == 2 and "eval_subset/kjv/loss" in r], rows[-1]
+    assert len(mid) == 1 and not any(k.startswith("eval/") or k == "eval_loss" for k in mid[0])
+    assert final["step"] == 4 and final["eval_loss"] == trained["eval/kjv/loss"]
+
+    res = run_eval(cfg, str(tmp_path / "checkpoints"), ["kjv", "lambada"])
+    subset = run_eval(cfg, str(tmp_path / "checkpoints"), ["kjv"], max_batches=2)["tasks"]["kjv"]
+    assert res["step"] == 4
+    for task in ("kjv", "lambada"):
+        size = float(pipeline.packed_arrays(task, "validation", 64, byte)["weights"].sum())
+        assert trained[f"eval/{task}/tokens"] == trained[f"eval/{task}/split_tokens"] == size
+        for key in ("loss", "ppl", "tokens", "split_tokens"):
+            assert res["tasks"][task][key] == trained[f"eval/{task}/{key}"], (task, key)
+    # The subset is the first eval_batches × eval_batch_size rows, also reported at the final step.
+    assert trained["eval_subset/kjv/tokens"] == subset["tokens"] < subset["split_tokens"]
+    assert trained["eval_subset/kjv/loss"] == subset["loss"]
+    assert mid[0]["eval_subset/kjv/tokens"] == subset["tokens"]
+    assert "lambada" in format_table(res)
 
 
 def test_train_and_eval_command_lines_round_trip(tmp_path, capsys):
@@ -115,7 +137,8 @@ def test_train_and_eval_command_lines_round_trip(tmp_path, capsys):
            "--gin.transformer.Transformer.d_model=32", "--gin.transformer.Transformer.num_heads=1",
            "--gin.config.TrainConfig.num_steps=2", "--gin.config.TrainConfig.batch_size=8",
            "--gin.config.TrainConfig.seq_len=32", "--gin.config.TrainConfig.eval_every=2",
-           "--gin.config.TrainConfig.eval_batches=2", "--gin.config.TrainConfig.checkpoint_every=2",
+           "--gin.config.TrainConfig.eval_batches=2", "--gin.config.TrainConfig.final_eval_batches=2",
+           "--gin.config.TrainConfig.checkpoint_every=2",
            "--gin.config.TrainConfig.progress_bar=False", "--gin.config.TrainConfig.tensorboard=False"]
     assert train_cli.main([*gin, f"--workdir={tmp_path}"]) == 0
     trained = json.loads((tmp_path / "result.json").read_text())

@@ -159,7 +159,8 @@ def _tiny_grid(tmp_path, steps=(6, 6), shapes=((1, 32, 2), (2, 32, 2))):
     return grids.Grid(
         name="tiny", budgets=budgets, methods=(grids.Method("dense", "configs/models/dense.gin"),),
         batch_size=8, seq_len=32, vocab_size=384,
-        train=(("eval_tasks", ["kjv"]), ("eval_batches", 2), ("checkpoint_every", 3), ("log_every", 1),
+        train=(("eval_tasks", ["kjv"]), ("eval_batches", 2), ("final_eval_batches", 2), ("checkpoint_every", 3),
+               ("log_every", 1),
                ("progress_bar", False), ("tensorboard", False), ("vocab_multiple", 128)),
         warmup_fraction=0.0, min_warmup=2)
 

@@ -25,7 +25,8 @@ def _cmd(workdir, *extra):
             "--gin.transformer.Transformer.num_heads=2", "--gin.config.TrainConfig.seq_len=64",
             "--gin.config.TrainConfig.batch_size=8", f"--gin.config.TrainConfig.num_steps={STEPS}",
             "--gin.config.TrainConfig.log_every=1", f"--gin.config.TrainConfig.eval_every={STEPS}",
-            "--gin.config.TrainConfig.eval_batches=1", "--gin.config.TrainConfig.eval_tasks=['kjv']",
+            "--gin.config.TrainConfig.eval_batches=1", "--gin.config.TrainConfig.final_eval_batches=1",
+            "--gin.config.TrainConfig.eval_tasks=['kjv']",
             "--gin.config.TrainConfig.checkpoint_every=2", "--gin.config.TrainConfig.progress_bar=False",
             "--gin.config.TrainConfig.tensorboard=False", "--gin.config.TrainConfig.vocab_multiple=64",
             "--gin.optim.make_optimizer.warmup_steps=2", *extra]

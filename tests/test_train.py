@@ -20,7 +20,8 @@ def tiny_config(**kw) -> TrainConfig:
         model=functools.partial(Transformer, num_layers=2, d_model=64, num_heads=2),
         optimizer=functools.partial(optim.make_optimizer, peak_lr=3e-3, warmup_steps=4),
         eval_tasks=("kjv",), seq_len=64, batch_size=16, num_steps=STEPS, log_every=1, eval_every=STEPS,
-        eval_batches=2, checkpoint_every=12, progress_bar=False, tensorboard=False, vocab_multiple=64,
+        eval_batches=2, final_eval_batches=2, checkpoint_every=12, progress_bar=False, tensorboard=False,
+        vocab_multiple=64,
     )
     return TrainConfig(**{**base, **kw})
 
@@ -117,6 +118,7 @@ def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path
         cmd = [sys.executable, "-m", "peer_jax.train", "--gin_file=configs/runs/tiny_cpu.gin",
                f"--workdir={tmp_path / name}", "--gin.config.TrainConfig.num_steps=2",
                "--gin.config.TrainConfig.eval_every=2", "--gin.config.TrainConfig.eval_batches=1",
+               "--gin.config.TrainConfig.final_eval_batches=1",
                "--gin.config.TrainConfig.checkpoint_every=2", "--gin.config.TrainConfig.tensorboard=False",
                f"--gin.config.TrainConfig.compilation_cache_dir='{cache}'"]
         env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}

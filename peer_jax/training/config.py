@@ -40,8 +40,12 @@ class TrainConfig:
     # Schedule.
     num_steps: int = 200
     log_every: int = 10
+    # Evals (training/loop.py): every `eval_every` steps on each task's fixed subset, its first
+    # `eval_batches` batches (`eval_subset/<task>/...`); at num_steps on the whole split unless
+    # `final_eval_batches` caps it (`eval/<task>/...`, `eval_loss`, the figures runs report).
     eval_every: int = 100
     eval_batches: int | None = 16  # None = the whole eval split
+    final_eval_batches: int | None = None  # None = the whole eval split
     eval_batch_size: int | None = None  # default: batch_size
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

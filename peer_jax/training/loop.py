@@ -88,6 +88,7 @@ class Trainer:
         self.cfg, self.workdir, self.restore_step = cfg, epath.Path(workdir), restore_step
         self.on_start, self.on_step = on_start, on_step
         self.last_eval: dict = {}
+        self.last_eval_step: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -116,8 +117,12 @@ class Trainer:
         self.eval_shard = batch_shard(self.mesh, self.rules, cfg, self.eval_bs)
         if cfg.eval_data_dir:
             eval_tasks_lib.eval_data_dir(cfg.eval_data_dir)
+        for name in ("eval_batches", "final_eval_batches"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)} must be ≥ 1, or None for the whole split.")
         for task in cfg.eval_tasks:  # fail at start-up, not at the first eval, if a set is missing
-            next(self.eval_inputs(task), None)
+            next(pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, self.vocab, self.eval_bs, 1,
+                                      shard_index=self.eval_shard[0], num_shards=self.eval_shard[1]), None)
         tx, self.schedule = cfg.optimizer(cfg.num_steps)
         self.model_vocab = -(-self.vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         self.setup_, self.state, self.shardings = step_lib.create_train_state(
@@ -129,11 +134,6 @@ class Trainer:
         self.mngr = ckpt.manager(str(self.workdir / "checkpoints"), keep=cfg.keep_checkpoints,
                                  asynchronous=cfg.async_checkpointing)
         self.meta = run_meta(cfg, self.vocab)
-
-    def eval_inputs(self, task: str):
-        shard, shards = self.eval_shard
-        return pipeline.eval_stream(task, self.cfg.eval_split, self.cfg.seq_len, self.vocab, self.eval_bs,
-                                    self.cfg.eval_batches, shard_index=shard, num_shards=shards)
 
     def restore(self) -> int:
         """Restores the latest checkpoint (or `restore_step`, setting newer ones aside); returns the step."""
@@ -206,18 +206,28 @@ class Trainer:
         self.t_log, self.steps_since, self.input_wait_s = time.perf_counter(), 0, 0.0
 
     def evaluate(self, step: int) -> dict:
-        log.info("eval at step %d", step)
+        """Intermediate evals read each task's fixed subset (its first `eval_batches` batches) and
+        log `eval_subset/<task>/...`; the final one (step = num_steps) reads the whole split, or
+        its first `final_eval_batches`, and logs `eval/<task>/...` and, for the first task,
+        `eval_loss`/`eval_ppl`, plus the subset's figures from the same pass, so the subset
+        curve ends at the final step too."""
+        cfg = self.cfg
+        final = step == cfg.num_steps
+        log.info("%s eval at step %d", "final" if final else "subset", step)
         row = {}
-        empty = pipeline.empty_batch(self.eval_bs // self.eval_shard[1], self.cfg.seq_len)
-        for i, task in enumerate(self.cfg.eval_tasks):
-            res = eval_lib.evaluate(self.eval_step, self.setup_, self.state["params"], self.state["model_state"],
-                                    self.eval_inputs(task), empty, self.eval_bs,
-                                    hosts_agree=tasks_lib.tfds_name(task) is not None)
-            row.update({f"eval/{task}/{k}": v for k, v in res.items()})
-            if i == 0:
-                row["eval_loss"], row["eval_ppl"] = res["loss"], res["ppl"]
+        for i, task in enumerate(cfg.eval_tasks):
+            full, subset = eval_lib.evaluate_task(
+                self.eval_step, self.setup_, self.state["params"], self.state["model_state"], task,
+                split=cfg.eval_split, seq_len=cfg.seq_len, vocab=self.vocab, global_rows=self.eval_bs,
+                shard=self.eval_shard, max_batches=cfg.final_eval_batches if final else cfg.eval_batches,
+                prefix_batches=cfg.eval_batches if final else None)
+            if final:
+                row.update({f"eval/{task}/{k}": v for k, v in full.items()})
+                if i == 0:
+                    row["eval_loss"], row["eval_ppl"] = full["loss"], full["ppl"]
+            row.update({f"eval_subset/{task}/{k}": v for k, v in (subset or full).items()})
         self.writer.write(step, row)
-        self.last_eval = row
+        self.last_eval, self.last_eval_step = row, step
         return row
 
     def check_finite(self, at_step: int, finite) -> None:
@@ -277,7 +287,7 @@ class Trainer:
                     if stop:
                         log.warning("SIGTERM: saved a checkpoint at step %d and stopped", step)
                         break
-            if not self.last_eval and cfg.eval_every and step == cfg.num_steps:
+            if self.last_eval_step != step and cfg.eval_every and step == cfg.num_steps:
                 self.evaluate(step)  # resumed after the final checkpoint but before its eval
             self.mngr.wait_until_finished()
             self.mngr.close()

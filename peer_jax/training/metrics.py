@@ -5,9 +5,10 @@ big_vision convention), so a gs:// run directory works through tf.io.gfile with 
 dependency.
 
 `DIR/metrics.jsonl` gets one JSON object per logged step (`step`, `loss`, `tokens_per_sec`,
-...; eval rows carry `eval/<task>/loss` and `eval/<task>/ppl`, and for the first eval task
-also plain `eval_loss`/`eval_ppl`). wandb runs only when a project is configured, in
-`WANDB_MODE` (default `offline`), so it never waits on the network.
+...). Eval rows (training/loop.py) carry `eval_subset/<task>/{loss,ppl,tokens,split_tokens}`
+(the fixed subset) and, at the final step only, `eval/<task>/...` over the whole split and,
+for the first eval task, plain `eval_loss`/`eval_ppl`. wandb runs only when a project is
+configured, in `WANDB_MODE` (default `offline`), so it never waits on the network.
 """
 
 from __future__ import annotations
