@@ -92,15 +92,17 @@ PAPER_SHAPES = _shapes(
 # Pod settings written into every paper point, so that a pod run and an AOT compile need no mesh
 # flags. `model` = 2 divides every shape's heads (8-28) and, with a -1 data axis, leaves
 # data x expert = devices / 2 <= the batch of 128 sequences on up to 256 chips (v5e-256), while
-# any even device count down to 2 (4 x expert for the MoEs) still works. PEER/PKM split their
-# table rows over data as well (`fsdp_expert_tables`: tables and Adam moments stored once per
-# model group, gathered per step); the MoEs put their 128 experts over `expert` = 4.
-# Measured for v5e-256 and v5p-128 in docs/pod_scale.md.
+# any even device count down to 2 (4 x expert for the MoEs) still works. The MoEs put their 128
+# experts over `expert` = 4. PEER/PKM keep their tables in place (`memory_parallel`: columns split
+# over the expert x model group, rows replicated over data = 4, the tokens' routing and activations
+# sent to them). Of the group sizes compiled for a v5e-256 (scripts/memory_parallel_table.py), 4
+# replicas (G = 64) moves the fewest bytes for PEER, and for PKM the least wire time (G = 32 moves
+# 2 % fewer bytes but more of them as all-reduces). Measured in docs/pod_scale.md.
 _DATA_MODEL = (("mesh_shape", (-1, 1, 2)), ("sharding_rules", "default"))
 _EXPERT_PARALLEL = (("mesh_shape", (-1, 4, 2)), ("sharding_rules", "default"))
-_TABLES_OVER_DATA = (("mesh_shape", (-1, 1, 2)), ("sharding_rules", "fsdp_expert_tables"))
+_MEMORY_PARALLEL = (("mesh_shape", (4, -1, 2)), ("sharding_rules", "memory_parallel"))
 PAPER_POD = {"dense": _DATA_MODEL, "moe": _EXPERT_PARALLEL, "moe_dropless": _EXPERT_PARALLEL,
-             "pkm": _TABLES_OVER_DATA, "peer": _TABLES_OVER_DATA}
+             "pkm": _MEMORY_PARALLEL, "peer": _MEMORY_PARALLEL}
 PAPER = Grid(
     name="paper",
     budgets={6e18: PAPER_SHAPES[:7], 2e19: PAPER_SHAPES[1:]},
@@ -120,10 +122,9 @@ PAPER = Grid(
     # as a scan (compile time independent of depth; docs/pod_scale.md).
     model=(("dtype", "bfloat16"), ("scan_layers", True)),
     method_train=PAPER_POD,
-    # PKM's scanned model needs 12.3 GiB of a v5e's 16 (23 % headroom) without remat; MaxText's
-    # 'minimal' policy (keep the weight matmuls' outputs, recompute elementwise ops) brings it to
-    # 9.4 GiB (41 %). The other methods keep >= 44 % without remat (docs/pod_scale.md).
-    method_model={"pkm": (("remat", "minimal"),)},
+    # No remat: with memory-parallel tables PKM keeps 57 % of a v5e's HBM without it (it needed
+    # 'minimal' remat with `fsdp_expert_tables`), and a recomputed block would repeat the
+    # lookup's routing all-gather (docs/pod_scale.md).
     train=(
         ("train_task", "c4"),
         ("eval_tasks", ["c4"]),
