@@ -13,10 +13,13 @@ what training fed it: a row starts with the BOS id 0 (seqio's shifted-right inpu
 first generated token is predicted from the whole prompt.
 
 Expert-choice MoE (`grouping='position'`): a routing group is the tokens in one column of the
-batch, i.e. the same rule as in training applied to the rows being decoded; decode computes
-exactly what the forward pass (and `peer_jax.eval`'s loss) computes on the same rows. Settings
-whose routing depends on tokens not yet generated (`grouping='sequence'`, token choice) are
-refused.
+decode batch (with `group_size`, of each block of that many rows), the rule training applies to
+its batch, applied to the rows being decoded; decode computes exactly what the forward pass (and
+`peer_jax.eval`'s loss) computes on the same rows. The capacity follows the group's size, so
+with fewer rows than the training group each token reaches more experts than in training (one
+row: every expert). Filler rows that make the batch split over the data-parallel devices are
+padding (never routed) but count in that size. Settings whose routing depends on tokens not yet
+generated (`grouping='sequence'`, token choice) are refused.
 """
 
 from __future__ import annotations
@@ -55,13 +58,11 @@ def encode_prompts(vocab, prompts: list[str], max_len: int, max_new_tokens: int)
         raise SampleError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file=FILE.")
     out = []
     for i, text in enumerate(prompts, 1):
-        try:
+        try:  # text from undecodable bytes (argv's surrogate escapes) does not encode as UTF-8
             ids = [int(t) for t in vocab.encode(text)]
-            exact = vocab.decode(ids) == text
         except UnicodeError:
-            ids, exact = [], False
-        unk = getattr(vocab, "unk_id", None)
-        if not exact or (unk is not None and unk in ids):
+            ids = None
+        if ids is None or getattr(vocab, "unk_id", None) in ids:
             bad = text.encode("utf-8", "surrogateescape")
             raise SampleError(f"prompt {i} ({bad[:40]!r}) holds bytes the {type(vocab).__name__} cannot encode "
                               "(text must be valid UTF-8 the vocabulary covers); fix the prompt.")

@@ -27,7 +27,7 @@ MODELS = {
     "moe_dropless": dict(sparse_ffw=functools.partial(MoE, num_experts=4, mlp_dim=16, routing="dropless", top_k=1)),
     "pkm": dict(sparse_ffw=functools.partial(PKM, num_experts=64, heads=2, top_k=4, d_key=8)),
     "peer": dict(sparse_ffw=functools.partial(PEER, num_experts=64, heads=2, top_k=4, d_key=8)),
-    "scanned_dense": dict(scan_layers=True),
+    # scan(block 0), the PEER block 1, scan(block 2)
     "scanned_peer": dict(scan_layers=True, sparse_ffw=functools.partial(PEER, num_experts=64, heads=2, top_k=4,
                                                                          d_key=8)),
 }
@@ -110,7 +110,8 @@ def test_sampling_filters():
 
 def test_moe_settings_decode_cannot_reproduce_are_refused():
     def model(**kw):
-        return Transformer(V, rngs=nnx.Rngs(0), **TINY, sparse_ffw=functools.partial(MoE, num_experts=4, **kw))
+        return nnx.eval_shape(lambda: Transformer(V, rngs=nnx.Rngs(0), **TINY,
+                                                  sparse_ffw=functools.partial(MoE, num_experts=4, **kw)))
 
     with pytest.raises(sample.SampleError, match="grouping='sequence'"):
         sample.check_routing(model(grouping="sequence"), 4)
