@@ -23,39 +23,58 @@ from etils import epath
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def restore_run(cfg, checkpoint_dir: str, step: int | None = None):
+    """(mesh, rules, vocab, setup, state, shardings): the train state of a checkpoint (latest or
+    `step`) of a run configured by `cfg`, restored into the run's shardings (every host of a
+    pod calls it). Used by `peer_jax.eval` and `peer_jax.sample`."""
+    import jax
+    from flax import nnx
+
+    from peer_jax import sharding
+    from peer_jax.data import vocab as vocab_lib
+    from peer_jax.training import checkpoint as ckpt, loop, step as step_lib
+
+    if "://" not in checkpoint_dir and not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} does not exist; pass the run's "
+                                "checkpoints directory (<workdir>/checkpoints).")
+    mesh = sharding.make_mesh(cfg.mesh_shape)
+    rules = sharding.get_rules(cfg.sharding_rules)
+    loop.check_batch(cfg, mesh, rules)
+    vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
+    model_vocab = -(-vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    tx, _ = cfg.optimizer(cfg.num_steps)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        setup, abstract, shardings = step_lib.abstract_train_state(cfg.model, tx, model_vocab, cfg.seq_len, mesh, rules)
+        mngr = ckpt.manager(checkpoint_dir, keep=cfg.keep_checkpoints)
+        if mngr.latest_step() is None:
+            mngr.close()
+            raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} holds no checkpoint.")
+        with ckpt.close_on_error(mngr):
+            state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
+        mngr.close()
+    return mesh, rules, vocab, setup, state, shardings
+
+
 def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None,
              max_batches: int | None = None, batch_size: int | None = None) -> dict:
     """Returns {'step', 'tasks': {task: metrics}} for a checkpoint of a run configured by `cfg`."""
     import jax
     from flax import nnx
 
-    from peer_jax import sharding
-    from peer_jax.data import eval_tasks, vocab as vocab_lib
-    from peer_jax.training import checkpoint as ckpt, evaluate as eval_lib, loop, step as step_lib
+    from peer_jax.data import eval_tasks
+    from peer_jax.training import evaluate as eval_lib, loop, step as step_lib
 
-    mesh = sharding.make_mesh(cfg.mesh_shape)
-    rules = sharding.get_rules(cfg.sharding_rules)
-    loop.check_batch(cfg, mesh, rules)
     if cfg.eval_data_dir:
         eval_tasks.eval_data_dir(cfg.eval_data_dir)
-    vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
-    model_vocab = -(-vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    tx, _ = cfg.optimizer(cfg.num_steps)
+    mesh, rules, vocab, setup, state, shardings = restore_run(cfg, checkpoint_dir, step)
     bs = batch_size or cfg.eval_batch_size or cfg.batch_size // cfg.grad_accum_steps
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        setup, abstract, shardings = step_lib.abstract_train_state(cfg.model, tx, model_vocab, cfg.seq_len, mesh, rules)
-        mngr = ckpt.manager(checkpoint_dir, keep=cfg.keep_checkpoints)
-        if mngr.latest_step() is None:
-            raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} holds no checkpoint.")
-        with ckpt.close_on_error(mngr):
-            state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shardings, setup)
         shard = loop.batch_shard(mesh, rules, cfg, bs)
         results = {task: eval_lib.evaluate_task(eval_step, setup, state["params"], state["model_state"], task,
                                                 split=cfg.eval_split, seq_len=cfg.seq_len, vocab=vocab,
                                                 global_rows=bs, shard=shard, max_batches=max_batches)[0]
                    for task in tasks}
-        mngr.close()
     return {"step": int(state["step"]), "tasks": results}
 
 
@@ -69,8 +88,50 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def checkpoint_command(argv: list[str] | None, description: str, add_arguments, work, prepare=None):
+    """The command-line frame shared by `peer_jax.eval` and `peer_jax.sample`: parses the flags
+    (`add_arguments` adds the command's own, `--checkpoint_dir` included) and the gin config,
+    joins the pod with `--distributed`, and returns (None, args, work(cfg, args)) from every host,
+    or (exit status, None, None) after reporting a failure as one line. `prepare(args)` checks
+    the flags before JAX starts."""
     from peer_jax import gin_utils, multihost, runtime
+
+    try:
+        args, bindings = gin_utils.command_line(argv, description, add_arguments, distributed=True)
+        if prepare is not None:
+            prepare(args)
+        runtime.configure_malloc()  # before the JAX backend starts its threads
+    except (gin_utils.ConfigError, ValueError) as e:
+        return gin_utils.fail(e), None, None
+    logging.basicConfig(level=logging.WARNING)
+
+    import gin
+
+    fail = multihost.fail
+    try:
+        multihost.initialize(args)
+    except multihost.PodError as e:
+        return fail(e), None, None
+    from peer_jax.training.checkpoint import CheckpointError
+    from peer_jax.training.config import TrainConfig
+
+    try:
+        gin_utils.parse(args.gin_file, bindings)
+        cfg = gin.get_configurable(TrainConfig)()
+        multihost.check_workdir(args.checkpoint_dir)
+        return None, args, work(cfg, args)
+    except (gin_utils.ConfigError, ValueError, TypeError, FileNotFoundError, CheckpointError,
+            multihost.PodError) as e:
+        return fail(e), None, None
+    except Exception as e:  # noqa: BLE001 - on a pod, often a collective that lost a host
+        traceback.print_exc()
+        return fail(f"{type(e).__name__}: {e}", status=1, grace_s=args.host_timeout_s + 5), None, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import jax
+
+    from peer_jax import multihost
 
     def add_arguments(parser):
         parser.add_argument("--checkpoint_dir", required=True, help="the run's checkpoints directory")
@@ -80,36 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--max_batches", type=int, default=None, help="limit per task (default: the whole split)")
         parser.add_argument("--batch_size", type=int, default=None)
 
-    try:
-        args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
-        runtime.configure_malloc()  # before the JAX backend starts its threads
-    except (gin_utils.ConfigError, ValueError) as e:
-        return gin_utils.fail(e)
-    logging.basicConfig(level=logging.WARNING)
-
-    import gin
-    import jax
-
-    fail = multihost.fail
-    try:
-        multihost.initialize(args)
-    except multihost.PodError as e:
-        return fail(e)
-    from peer_jax.training.checkpoint import CheckpointError
-    from peer_jax.training.config import TrainConfig
-
-    try:
-        gin_utils.parse(args.gin_file, bindings)
-        cfg = gin.get_configurable(TrainConfig)()
+    def work(cfg, args):
         tasks = args.tasks.split(",") if args.tasks else list(cfg.eval_tasks)
-        multihost.check_workdir(args.checkpoint_dir)
-        result = run_eval(cfg, args.checkpoint_dir, tasks, args.step, args.max_batches, args.batch_size)
-    except (gin_utils.ConfigError, ValueError, TypeError, FileNotFoundError, CheckpointError,
-            multihost.PodError) as e:
-        return fail(e)
-    except Exception as e:  # noqa: BLE001 - on a pod, often a collective that lost a host
-        traceback.print_exc()
-        return fail(f"{type(e).__name__}: {e}", status=1, grace_s=args.host_timeout_s + 5)
+        return run_eval(cfg, args.checkpoint_dir, tasks, args.step, args.max_batches, args.batch_size)
+
+    status, args, result = checkpoint_command(argv, __doc__.splitlines()[0], add_arguments, work)
+    if status is not None:
+        return status
     if jax.process_index() == 0:  # every host evaluates its share; one writes
         print(format_table(result))
         out = epath.Path(args.checkpoint_dir) / f"eval_step{result['step']}.json"

@@ -59,6 +59,21 @@ def xla_attention(q, k, v, segment_ids):
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True)
 
 
+def cached_attention(q, k_cache, v_cache, segment_ids, cache_segment_ids, index):
+    """``xla_attention`` for T queries at columns ``index .. index+T-1`` of a KV cache.
+
+    q ``[B, T, N, H]``; k/v_cache ``[B, L, N, H]``; segment_ids ``[B, T]`` and
+    cache_segment_ids ``[B, L]``. A query sees the columns up to its own within its segment,
+    the mask ``xla_attention`` applies to the whole sequence (columns not yet written lie in
+    the future, so the causal part hides them).
+    """
+    t, length = q.shape[1], k_cache.shape[1]
+    causal = jnp.arange(length)[None, :] <= index + jnp.arange(t)[:, None]  # [T, L]
+    same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]  # [B, T, L]
+    mask = (causal[None] & same)[:, None]  # [B, 1, T, L]
+    return jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask)
+
+
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 

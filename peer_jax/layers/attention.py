@@ -54,14 +54,35 @@ class Attention(nnx.Module):
             out_sharding=("heads", "kv", "embed"),
         )
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def _project(self, x: jax.Array, positions: jax.Array):
+        """(q, k, v), each ``[B, T, N, H]``, with rotary positions on q and k."""
         x = x.astype(self.dtype)
         qkv = checkpoint_name(jnp.einsum("btd,sdnh->sbtnh", x, self.qkv[...].astype(self.dtype)), "qkv_proj")
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = rotary(q, positions, self.rope_base)
         k = rotary(k, positions, self.rope_base)
-        q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
-        # Packed sequences attend only within their segment (backends/attention.py).
-        o = attention_kernels.attend(q, k, v, segment_ids, self.impl)
+        return sharding.constrain(q, ("batch", "length", "heads", "kv")), k, v
+
+    def _output(self, o: jax.Array) -> jax.Array:
         return checkpoint_name(jnp.einsum("btnh,nhd->btd", o, self.out[...].astype(self.dtype)), "out_proj")
 
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        q, k, v = self._project(x, positions)
+        # Packed sequences attend only within their segment (backends/attention.py).
+        o = attention_kernels.attend(q, k, v, segment_ids, self.impl)
+        return self._output(o)
+
+    def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, k_cache: jax.Array,
+               v_cache: jax.Array, cache_segment_ids: jax.Array, index: jax.Array):
+        """``__call__`` for T new tokens at cache columns ``index .. index+T-1``, attending to
+        the cached keys/values of the earlier columns: (output, k_cache, v_cache).
+
+        ``k_cache``/``v_cache``: ``[B, L, N, H]``; ``cache_segment_ids``: ``[B, L]``, already
+        holding ``segment_ids`` at the new columns (0 = padding, as in ``__call__``).
+        """
+        q, k, v = self._project(x, positions)
+        start = (0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        o = attention_kernels.cached_attention(q, k_cache, v_cache, segment_ids, cache_segment_ids, index)
+        return self._output(o), k_cache, v_cache

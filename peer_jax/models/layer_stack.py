@@ -101,6 +101,20 @@ def scan_blocks(stack: nnx.Module, x, positions, segment_ids, mask, train: bool,
     return scan(x, stack)
 
 
+def scan_decode(stack: nnx.Module, x, positions, segment_ids, k_cache, v_cache, cache_segment_ids, index):
+    """``Block.decode`` of a stacked block, layer by layer over the stack and its cache slices
+    ``[count, B, L, N, H]``: (x, k_cache, v_cache)."""
+
+    def body(x, block, kc, vc):
+        x, kc, vc = block.decode(x, positions, segment_ids, kc, vc, cache_segment_ids, index)
+        return x, (kc, vc)
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                    transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    x, (k_cache, v_cache) = scan(x, stack, k_cache, v_cache)
+    return x, k_cache, v_cache
+
+
 # ----------------------------------------------------------------------------- checkpoint migration
 
 

@@ -69,10 +69,18 @@ class Block(nnx.Module):
         self.ffw = ffw(d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x, positions, segment_ids, mask, train: bool):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        return self._ffw_residual(x + self.attn(self.attn_norm(x), positions, segment_ids), mask, train)
+
+    def _ffw_residual(self, x, mask, train: bool):
         x = sharding.constrain(x, ("batch", "length", "embed"))
         x = x + self.ffw(self.ffw_norm(x), mask=mask, train=train).astype(x.dtype)
         return sharding.constrain(x, ("batch", "length", "embed"))
+
+    def decode(self, x, positions, segment_ids, k_cache, v_cache, cache_segment_ids, index):
+        """The block in eval mode over a KV cache (``Attention.decode``): (x, k_cache, v_cache)."""
+        a, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, segment_ids, k_cache, v_cache,
+                                               cache_segment_ids, index)
+        return self._ffw_residual(x + a, segment_ids > 0, False), k_cache, v_cache
 
 
 class Transformer(nnx.Module):
@@ -156,8 +164,7 @@ class Transformer(nnx.Module):
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        x = sharding.constrain(x, ("batch", "length", "embed"))
+        x = self._embed(tokens)
         call = remat_lib.wrap(lambda b, *a: b(*a), self.remat, static_argnums=(5,))
         if not self.scan_layers:
             for block in self.blocks:
@@ -168,14 +175,52 @@ class Transformer(nnx.Module):
                     x = layer_stack.scan_blocks(self.stacks[j], x, positions, segment_ids, mask, train, self.remat)
                 else:
                     x = call(self.blocks[str(j)], x, positions, segment_ids, mask, train)
+        logits = self._logits(x)
+        if self.z_loss:
+            self.sow(nnx.Intermediate, "z_aux_loss", self.z_loss * z_loss_term(logits, mask))
+        return logits
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        return sharding.constrain(x, ("batch", "length", "embed"))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
         w = self.embed[...].T if self.tie_embeddings else self.unembed[...]
         # Accumulated and emitted in float32 (a bf16 output would round the logits before the loss).
         logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-        if self.z_loss:
-            self.sow(nnx.Intermediate, "z_aux_loss", self.z_loss * z_loss_term(logits, mask))
-        return logits
+        return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """An empty KV cache for ``decode``: keys and values ``[layers, batch, length, heads,
+        head_dim]`` in the compute dtype, the segment id of every column (0 = padding or not
+        yet written) and the next column to write."""
+        shape = (self.num_layers, batch, length, self.num_heads, self.head_dim)
+        kv = sharding.constrain(jnp.zeros(shape, self.dtype), (None, "batch", None, "heads", "kv"))
+        return {"k": kv, "v": kv, "segment_ids": jnp.zeros((batch, length), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict):
+        """Eval-mode forward of T new tokens [B, T] at the cache's next columns: (logits
+        [B, T, vocab] float32, cache). Equal to ``__call__(train=False)`` on the whole sequence
+        so far, with ``mask = segment_ids > 0``: prefill is one call with the (left-padded)
+        prompts, each generated token one more call with T = 1."""
+        index = cache["index"]
+        seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+        k, v = cache["k"], cache["v"]
+        x = self._embed(tokens)
+        steps = self.plan if self.scan_layers else tuple(("block", i, i, 1) for i in range(self.num_layers))
+        for kind, j, first, count in steps:
+            if kind == "stack":
+                x, ks, vs = layer_stack.scan_decode(self.stacks[j], x, positions, segment_ids,
+                                                    k[first:first + count], v[first:first + count], seg, index)
+                k, v = k.at[first:first + count].set(ks), v.at[first:first + count].set(vs)
+            else:
+                block = self.blocks[str(j)] if self.scan_layers else self.blocks[j]
+                x, kj, vj = block.decode(x, positions, segment_ids, k[first], v[first], seg, index)
+                k, v = k.at[first].set(kj), v.at[first].set(vj)
+        cache = {"k": k, "v": v, "segment_ids": seg, "index": index + tokens.shape[1]}
+        return self._logits(x), cache
 
     def ffw_layers(self) -> list[tuple[nnx.Module, int]]:
         """(FFW module, number of layers it stands for) in layer order: one per block, or one
