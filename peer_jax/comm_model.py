@@ -11,8 +11,9 @@ width, ``rows`` = N, ``tables`` = 2 (PEER: u, v) or 1 (PKM), a mesh of ``data`` 
 table column slice. Per device the group's tokens are tokens / R.
 
 * routing all-gather over ``expert`` (forward): indices int32 + scores float32, 8 bytes a slot;
-* score-gradient reduce-scatter over ``expert`` and, where ``model`` > 1, the sum of the partial
-  score gradients over ``model`` (backward): 4 bytes a slot each;
+* the score gradient (backward): every device of the group holds a partial sum for every token of
+  the group; one reduce-scatter over the group (an all-reduce over ``model`` where ``expert`` = 1),
+  4 bytes a slot;
 * PEER only: the ``u·x`` partial sums over the group (forward) and their gradient's sum over
   ``expert`` (backward): 4 bytes a slot each;
 * activations in, output back, and both gradients: all-to-alls over ``expert`` of the device's
@@ -54,7 +55,7 @@ def lookup_bytes(*, tokens: int, slots: int, d: int, rows: int, tables: int, dat
     own_tokens = group_tokens / expert
     gathered = expert > 1
     routing = 8 * slots * group_tokens if gathered else 0.0
-    score_grad = 4 * slots * group_tokens * (int(gathered) + int(model > 1))
+    score_grad = 4 * slots * group_tokens * int(gathered or model > 1)
     partial = 4 * slots * group_tokens * (int(expert * model > 1) + int(gathered)) if tables == 2 else 0.0
     acts = 2 * tables * own_tokens * (d / model) * act_bytes if gathered else 0.0
     grads = tables * rows * d / (expert * model) * grad_bytes if data > 1 else 0.0
