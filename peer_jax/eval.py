@@ -26,10 +26,11 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
     import jax
     from flax import nnx
 
-    from peer_jax import sharding
+    from peer_jax import host, sharding
     from peer_jax.data import eval_tasks, pipeline, tasks as tasks_lib, vocab as vocab_lib
     from peer_jax.training import checkpoint as ckpt, evaluate as eval_lib, loop, step as step_lib
 
+    host.pin(cfg)  # the training run's numerics; before the backend starts
     mesh = sharding.make_mesh(cfg.mesh_shape)
     rules = sharding.get_rules(cfg.sharding_rules)
     loop.check_batch(cfg, mesh, rules)
