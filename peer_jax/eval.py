@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import traceback
 
 from etils import epath
@@ -118,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from peer_jax import gin_utils
+
+    gin_utils.exit_cli(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 
@@ -92,4 +91,6 @@ def _write_operative_config(workdir: epath.Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from peer_jax import gin_utils
+
+    gin_utils.exit_cli(main())
