@@ -13,8 +13,10 @@ different bits on another x86-64 host (docs/reproducibility.md has the measureme
 ``pin_xla_cpu(level)`` (``config.TrainConfig.xla_cpu_pin``) caps code generation at ``level``
 and turns the YNNPACK fusions off (matmuls then run in XLA's Eigen runtime, compiled into
 jaxlib for one ISA); ``pin_threads(n)`` (``config.TrainConfig.xla_cpu_threads``) limits the
-process to n CPUs, so the pool has n threads on any host. Together: a run gives the same bits
-on any x86-64 host whose CPU has ``level`` and at least n cores. XLA reads ``XLA_FLAGS`` and
+process to n CPUs, so the pool has n threads on any host. Together they remove what the ISA
+and the core count change. What they cannot pin: the matmul libraries also size their blocks
+from the CPU's caches, so on another CPU model a pinned run can still differ in the last bit of
+a few values (docs/reproducibility.md has the measurements). XLA reads ``XLA_FLAGS`` and
 sizes its pool once, when the JAX backend starts: the pins must come first, and they fail with
 one line if the backend already runs without them. They change only XLA:CPU (and the CPUs
 the process may use), so on TPU/GPU runs, whose computation never runs on XLA:CPU, they change

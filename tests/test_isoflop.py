@@ -81,7 +81,7 @@ def test_study_grid_pins_each_methods_peak_lr_and_the_three_eval_sets():
         text = (REPO / e["gin_file"]).read_text()
         assert f"optim.make_optimizer.peak_lr = {grid.peak_lr[e['method']]!r}" in text and e["peak_lr"] == grid.peak_lr[e["method"]]
         assert 'eval_tasks = ["kjv", "shakespeare", "pydoc"]' in text
-        # XLA:CPU pinned (peer_jax/host.py): the point re-runs bit for bit on any AVX2 host with >= 2 cores
+        # XLA:CPU pinned (peer_jax/host.py): ISA and thread count do not change the point's bits
         assert 'xla_cpu_pin = "AVX2"' in text and "xla_cpu_threads = 2" in text
     dropless = (REPO / "configs/isoflop/mini2/moe_dropless_1e13_L4_d128_h4.gin").read_text()
     assert 'moe.MoE.routing = "dropless"' in dropless and "moe.MoE.top_k = 1" in dropless

@@ -209,8 +209,8 @@ MINI2 = dataclasses.replace(
     # L1 d48 at 1e13: PEER's seed-0 optimum there was L2 d48, the smallest 1e13 shape.
     budgets={1e12: _shapes((1, 16, 1), (1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[:7], 1e13: MINI2_SHAPES[1:]},
     # XLA:CPU pinned to AVX2 and 2 intra-op threads (peer_jax/host.py): a point re-runs bit for
-    # bit on any x86-64 host with AVX2 and at least 2 cores, not only on the machine that trained
-    # it (docs/reproducibility.md).
+    # bit on any host of its CPU model with at least 2 cores, and within an ulp or so of its
+    # losses on other x86-64 CPUs with AVX2 (docs/reproducibility.md).
     train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train)
     + (("xla_cpu_pin", "AVX2"), ("xla_cpu_threads", 2)),
     peak_lr=MINI2_PEAK_LR,
