@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import traceback
 
 from etils import epath
@@ -30,13 +29,14 @@ def restore_run(cfg, checkpoint_dir: str, step: int | None = None):
     import jax
     from flax import nnx
 
-    from peer_jax import sharding
+    from peer_jax import host, sharding
     from peer_jax.data import vocab as vocab_lib
     from peer_jax.training import checkpoint as ckpt, loop, step as step_lib
 
     if "://" not in checkpoint_dir and not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} does not exist; pass the run's "
                                 "checkpoints directory (<workdir>/checkpoints).")
+    host.pin(cfg)  # the training run's numerics; before the backend starts
     mesh = sharding.make_mesh(cfg.mesh_shape)
     rules = sharding.get_rules(cfg.sharding_rules)
     loop.check_batch(cfg, mesh, rules)
@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from peer_jax import gin_utils
+
+    gin_utils.exit_cli(main())

@@ -115,6 +115,25 @@ def command_line(argv: list[str] | None, description: str,
 
 
 def fail(error: BaseException | str, status: int = 2) -> int:
-    """Prints `error: <message>` on stderr and returns the exit status (2: bad configuration)."""
-    print(f"error: {error}", file=sys.stderr)
+    """Prints `error: <message>` on stderr and returns the exit status (2: bad configuration).
+
+    Buffered stdout goes out first, so that with both streams on one terminal or pipe the
+    message comes last (`exit` keeps it last)."""
+    sys.stdout.flush()
+    print(f"error: {error}", file=sys.stderr, flush=True)
     return status
+
+
+def exit_cli(status: int) -> None:
+    """`sys.exit(status)` for a command-line entry point whose failure `fail` has reported.
+
+    After a failure, stdout and stderr are flushed and then pointed at /dev/null: whatever
+    library threads (TensorStore, orbax), absl or TF print while the interpreter shuts down
+    would otherwise follow the error line, which must stay the last thing printed."""
+    if status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    sys.exit(status)

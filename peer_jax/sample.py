@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -321,4 +320,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from peer_jax import gin_utils
+
+    gin_utils.exit_cli(main())

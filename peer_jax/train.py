@@ -4,8 +4,10 @@ Trains (or resumes, if DIR holds checkpoints) the configured model. Writes
 DIR/operative_config.gin, DIR/metrics.jsonl, DIR/compile_report.json, DIR/tensorboard and
 DIR/checkpoints. On a pod every host runs the same command with `--distributed`
 (peer_jax/multihost.py). Exit status: 0 done (or preempted after saving), 1 unexpected error,
-2 bad configuration, 3 non-finite loss, 4 lost a host (multi-host). On CPU, glibc's allocator
-is tuned first (``$PEER_JAX_MALLOC``, default auto; see peer_jax/runtime.py).
+2 bad configuration, 3 non-finite loss, 4 lost a host (multi-host); on failure the one-line
+`error: ...` is the last thing printed. On CPU, glibc's allocator is tuned first
+(``$PEER_JAX_MALLOC``, default auto; see peer_jax/runtime.py), and TrainConfig.xla_cpu_pin /
+xla_cpu_threads are applied before the JAX backend starts (peer_jax/host.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 
@@ -23,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils, multihost, runtime
+    from peer_jax import gin_utils, host, multihost, runtime
 
     def add_arguments(parser):
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return fail(f"{type(e).__name__}: {e}", status=1, grace_s=args.host_timeout_s + 5)
     result["wall_time_s"] = time.time() - t0
+    result["host"] = host.describe(cfg.xla_cpu_pin)
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
@@ -89,4 +91,6 @@ def _write_operative_config(workdir: epath.Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from peer_jax import gin_utils
+
+    gin_utils.exit_cli(main())

@@ -7,7 +7,10 @@ column pair per eval task and sparse layer.
     python scripts/compare_runs.py runs/tiny_cpu runs/tiny_cpu_moe runs/tiny_cpu_pkm runs/tiny_cpu_peer
 
 Each run directory must hold operative_config.gin, metrics.jsonl and result.json (written by
-`python -m peer_jax.train`). The model is rebuilt abstractly from the operative config to count
+`python -m peer_jax.train`). Runs whose `host` entries (result.json, peer_jax/host.py) differ
+from the first run's in what decides the bits (CPU, XLA:CPU ISA or pin, threads, versions) are
+listed below the table: such runs of one point need not agree bit for bit
+(docs/reproducibility.md). The model is rebuilt abstractly from the operative config to count
 parameters (`peer_jax.flops.param_counts`); step time is the median of the logged train rows
 after the first (which includes compilation).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import gin
 from flax import nnx
 
-from peer_jax import flops, gin_utils
+from peer_jax import flops, gin_utils, host
 from peer_jax.training.config import TrainConfig
 
 
@@ -45,7 +48,20 @@ def describe(run: Path) -> dict:
         "step_time_s": statistics.median(step_times) if step_times else float("nan"),
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r),
         **{k: v for k, v in result.items() if k.startswith("eval/") and k.endswith(("/ppl", "/usage", "/unevenness"))},
+        "host": result.get("host"),
     }
+
+
+def host_notes(rows: list[dict]) -> list[str]:
+    """One line per run whose host differs from the first run's in what decides the bits."""
+    first = rows[0]
+    notes = []
+    for r in rows[1:]:
+        diff = host.differences(first.get("host"), r.get("host"))
+        if diff:
+            notes.append(f"{r['run']} vs {first['run']}: different or unknown hosts ({'; '.join(diff)}); expect "
+                         "drift, not equal bits (docs/reproducibility.md).")
+    return notes
 
 
 def _stat(value: float | None, key: str) -> str:
@@ -72,6 +88,8 @@ def main() -> None:
                  f"{r['tokens_per_sec']:.0f}", *(f"{r.get(k, float('nan')):.3f}" for k in ppl_keys),
                  *(_stat(r.get(k), k) for k in stat_keys)]
         print("| " + " | ".join(cells) + " |")
+    for note in host_notes(rows):
+        print(note)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -15,7 +15,8 @@ The trainer writes operative_config.gin, metrics.jsonl, compile_report.json, che
 result.json (final metrics); this script adds train.log (the child's output) and
 summary.json: the grid's entry for the point (budget, method, shape, parameters, FLOPs),
 status, attempts with their wall times and code version (git HEAD, dirty flag), total wall
-time, and the final result. Children get
+time, the final result and the host it trained on (CPU, the ISA XLA:CPU compiled for,
+threads, jax/jaxlib/flax versions; `peer_jax.host.describe`). Children get
 WANDB_MODE=disabled unless WANDB_MODE is set. SIGINT/SIGTERM is forwarded to the children
 (which save a checkpoint and stop), so an interrupted sweep resumes where it stopped.
 
@@ -131,6 +132,8 @@ def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None) 
         "result": result,
         "eval": {k: v for k, v in result.items() if k.startswith("eval")},
         "xla_flops_per_step": compile_report.get("flops_per_device_step_xla"),
+        # the trainer's record of its machine (peer_jax/host.py): CPU, ISA, threads, versions
+        "host": result.get("host") or compile_report.get("host"),
     }
     path.write_text(json.dumps(summary, indent=1))
     return summary

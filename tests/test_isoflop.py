@@ -81,10 +81,13 @@ def test_study_grid_pins_each_methods_peak_lr_and_the_three_eval_sets():
         text = (REPO / e["gin_file"]).read_text()
         assert f"optim.make_optimizer.peak_lr = {grid.peak_lr[e['method']]!r}" in text and e["peak_lr"] == grid.peak_lr[e["method"]]
         assert 'eval_tasks = ["kjv", "shakespeare", "pydoc"]' in text
+        # XLA:CPU pinned (peer_jax/host.py): ISA and thread count do not change the point's bits
+        assert 'xla_cpu_pin = "AVX2"' in text and "xla_cpu_threads = 2" in text
     dropless = (REPO / "configs/isoflop/mini2/moe_dropless_1e13_L4_d128_h4.gin").read_text()
     assert 'moe.MoE.routing = "dropless"' in dropless and "moe.MoE.top_k = 1" in dropless
-    # the historical mini grid keeps base.gin's LR (its committed runs used it)
-    assert "peak_lr" not in (REPO / "configs/isoflop/mini/dense_1e12_L2_d48_h2.gin").read_text()
+    # the historical mini grid keeps base.gin's LR and no pin (its committed runs used neither)
+    mini = (REPO / "configs/isoflop/mini/dense_1e12_L2_d48_h2.gin").read_text()
+    assert "peak_lr" not in mini and "xla_cpu_pin" not in mini
 
 
 def test_paper_grid_files_parse_and_a_sample_builds():

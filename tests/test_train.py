@@ -132,3 +132,24 @@ def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path
     second = run("second")
     assert sorted(p.name for p in cache.iterdir()) == stored  # every program was a cache hit
     assert second["compile_s"] > 0
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.config.TrainConfig.mesh_shape=(3, 1, 1)", "error: mesh_shape=(3, 1, 1) (axes ('data', 'expert', "
+     "'model')) needs 3 devices but 1 are available"),
+    ("--gin.config.TrainConfig.eval_tasks=['no_such_task']", "error: data task 'no_such_task' is unknown"),
+    ("--gin.config.TrainConfig.xla_cpu_pin='AVX3'", "error: TrainConfig.xla_cpu_pin='AVX3' is not an XLA:CPU ISA"),
+])
+def test_cli_startup_errors_are_the_last_line_printed(binding, message, tmp_path):
+    """A failed start-up ends with the project's one line, on stdout and stderr together."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "peer_jax.train", "--gin_file=configs/runs/tiny_cpu.gin", f"--workdir={tmp_path}",
+           "--gin.config.TrainConfig.num_steps=2", binding]
+    env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert p.returncode == 2 and lines[-1].startswith(message), p.stdout[-2000:]
+    assert "Traceback" not in p.stdout

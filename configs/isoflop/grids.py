@@ -209,7 +209,11 @@ MINI2 = dataclasses.replace(
     # optima of PEER, PKM and MoE-EC still sat at the smallest shape (PEER's vertex below it).
     # L1 d48 at 1e13: PEER's seed-0 optimum there was L2 d48, the smallest 1e13 shape.
     budgets={1e12: _shapes((1, 16, 1), (1, 24, 1)) + MINI2_SHAPES[:5], 3e12: MINI2_SHAPES[:7], 1e13: MINI2_SHAPES[1:]},
-    train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train),
+    # XLA:CPU pinned to AVX2 and 2 intra-op threads (peer_jax/host.py): a point re-runs bit for
+    # bit on any host of its CPU model with at least 2 cores, and within an ulp or so of its
+    # losses on other x86-64 CPUs with AVX2 (docs/reproducibility.md).
+    train=tuple((k, ["kjv", "shakespeare", "pydoc"] if k == "eval_tasks" else v) for k, v in MINI.train)
+    + (("xla_cpu_pin", "AVX2"), ("xla_cpu_threads", 2)),
     peak_lr=MINI2_PEAK_LR,
     description="CPU isoFLOP study on the embedded KJV corpus (bytes), per-method peak LR from the 1e12 sweep; "
                 "eval on KJV validation, Shakespeare and pydoc.",

@@ -13,9 +13,11 @@ already placed on the mesh. A checkpoint that cannot be read into this run's sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 
 import grain
 import jax
@@ -114,7 +116,10 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, path: str, e: Exception)
 
 def _first_line(e: BaseException) -> str:
     lines = [x for x in str(e).strip().splitlines() if x.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+    line = lines[0] if lines else type(e).__name__
+    # orbax appends a multi-line TensorStore spec to read errors; its first line is noise
+    line = line.split(" See full TensorStore details")[0].rstrip(".")
+    return line[:300]
 
 
 def _shape_diff(stored: dict, abstract) -> list[str]:
@@ -124,6 +129,23 @@ def _shape_diff(stored: dict, abstract) -> list[str]:
     out += [f"{k}: only in this run" for k in want if k not in stored]
     out += [f"{k}: only in the checkpoint" for k in stored if k not in want]
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Points file descriptor 2 at /dev/null for the block. Reading a corrupt checkpoint,
+    TensorStore's threads print a Python traceback ('Event loop is closed') for every read
+    that completes after orbax gave up; the CheckpointError says what happened, in one line."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class close_on_error:  # noqa: N801 - used as a context manager
@@ -180,11 +202,12 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
         return None
     path = os.path.join(str(mngr.directory), str(step))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
-    try:
-        meta = _read_meta(mngr, step)
-        stored = stored_shapes(path)
-    except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
-        raise _unreadable(mngr, step, path, e) from e
+    with _quiet_stderr():
+        try:
+            meta = _read_meta(mngr, step)
+            stored = stored_shapes(path)
+        except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
+            raise _unreadable(mngr, step, path, e) from e
     if expect_meta:
         diff = {k: (meta.get(k), v) for k, v in expect_meta.items() if meta.get(k) != v}
         if diff:

@@ -63,5 +63,13 @@ class TrainConfig:
     # JAX's persistent compilation cache (local path or gs://): a restart or the next point of a
     # sweep with the same program loads it instead of compiling (minutes at paper scale).
     compilation_cache_dir: str | None = None
+    # Reproducibility across hosts (peer_jax/host.py, docs/reproducibility.md): compile XLA:CPU
+    # code for this ISA level (e.g. "AVX2") and use no kernels that YNNPACK picks per CPU; and run
+    # XLA:CPU's intra-op pool with this many threads (the process uses that many CPUs). Both set:
+    # the same bits on hosts of one CPU model whatever their ISA extensions and core counts (at
+    # least these), and ulp-level agreement across CPU models. None: whatever the host offers.
+    # No effect on TPU/GPU computations.
+    xla_cpu_pin: str | None = None
+    xla_cpu_threads: int | None = None
     # Faults.
     nonfinite: str = "stop"  # 'stop' or 'skip' (skip the update, keep going)

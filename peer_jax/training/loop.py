@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from peer_jax import flops as flops_lib, hardware, multihost, runtime, sharding
+from peer_jax import flops as flops_lib, hardware, host, multihost, runtime, sharding
 from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib, vocab as vocab_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import checkpoint as ckpt
@@ -94,6 +94,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        host.pin(cfg)  # first: XLA reads its flags and sizes its thread pool when the backend starts
         self.workdir.mkdir(parents=True, exist_ok=True)
         runtime.configure_compilation_cache(cfg.compilation_cache_dir)
         self.mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -164,6 +165,7 @@ class Trainer:
         self.train_flops_per_token = flops_lib.train_flops_per_token(abstract_model, cfg.seq_len,
                                                                      cfg.batch_size // cfg.grad_accum_steps)
         report["train_flops_per_token"] = self.train_flops_per_token
+        report["host"] = host.describe(cfg.xla_cpu_pin)
         log.info("params=%d compile=%s", self.n_params, json.dumps(report))
         if jax.process_index() == 0:
             (self.workdir / "compile_report.json").write_text(json.dumps({"params": self.n_params, **report}, indent=1))
