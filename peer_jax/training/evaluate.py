@@ -23,8 +23,9 @@ def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches
     Sets packed in memory give every host the same number of batches by construction, so they
     skip that per-step host synchronisation (`hosts_agree=False`).
 
-    For PEER/PKM layers also reports usage and unevenness of the router-score mass summed
-    over the whole split (the paper's Table 2), and for MoE the per-expert load spread.
+    For PEER/PKM layers also reports usage and unevenness of the router-score mass summed over
+    the whole split (the paper's Table 2) and the sub-key usage of each half
+    (`expert_stats.summary`), and for MoE the per-expert load spread.
     """
     totals = None
     it = iter(batches)
@@ -47,8 +48,7 @@ def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches
     for name, mass in totals.items():
         layer = name.rsplit("/", 1)[0]
         if name.endswith("expert_mass"):
-            result[f"{layer}/usage"] = float(expert_stats.usage(mass))
-            result[f"{layer}/unevenness"] = float(expert_stats.unevenness(mass))
+            result.update({f"{layer}/{stat}": v for stat, v in expert_stats.summary(mass).items()})
         elif name.endswith("expert_load"):
             load = np.asarray(mass, np.float64)
             result[f"{layer}/load_max_over_mean"] = float(load.max() / max(load.mean(), 1e-9))
