@@ -1,7 +1,7 @@
 """Which experts can the product-key router reach? A static check of a PEER/PKM model on eval data.
 
     python scripts/routing_reach.py --gin_file=RUN/operative_config.gin [--checkpoint_dir=RUN/checkpoints]
-        [--task=kjv] [--max_batches=96] [--out=FILE.json]
+        [--task=kjv] [--max_batches=96] [--out=FILE.json] [--gin.NAME=VALUE ...]
 
 Without --checkpoint_dir the model is the run's initialisation (its seed). For every product-key
 layer it collects the router's input x and BatchNormed queries q on the eval tokens (padding
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
             mngr = ckpt.manager(args.checkpoint_dir, keep=cfg.keep_checkpoints)
             state, _ = ckpt.restore(mngr, abstract, shardings, expect_meta=loop.run_meta(cfg, vocab))
             mngr.close()
-            graphdef, params, model_state, step = setup.graphdef, state["params"], state["model_state"], int(state["step"])
+            graphdef, params, model_state = setup.graphdef, state["params"], state["model_state"]
+            step = int(state["step"])
         else:
             graphdef, params, model_state, *_ = step_lib.init_model_state(cfg.model, model_vocab, cfg.seed, mesh, rules)
             step = 0
