@@ -182,3 +182,18 @@ def test_grouped_optimizer_needs_labels():
     tx, _ = optim.make_optimizer(10, param_groups={"tables": {"weight_decay": 0.0}})
     with pytest.raises(ValueError, match="create_train_state"):
         tx.init({"w": np.zeros((2, 2), np.float32)})
+
+
+def test_groups_on_a_model_without_product_key_layers():
+    """A dense model has only 'rest' parameters; the empty groups must not break the optimizer."""
+    tx, _ = optim.make_optimizer(10, warmup_steps=0, param_groups={"keys": {"lr_scale": 0.1}})
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    factory = functools.partial(Transformer, num_layers=1, d_model=16, num_heads=2, sparse_ffw=None)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES_DEFAULT):
+        _, params, *_, labels = step_lib.init_model_state(factory, V, 0, mesh, sharding.RULES_DEFAULT)
+    optim.assign_groups(tx, labels)
+    assert set(jax.tree.leaves(labels)) == {"rest"}
+    params = jax.device_get(params)
+    grads = jax.tree.map(np.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(np.all(u != 0) for u in jax.tree.leaves(updates))
