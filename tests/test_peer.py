@@ -342,6 +342,21 @@ def test_expert_stats():
     np.testing.assert_allclose(got, [1.0, 0.0, 1 / n, math.log(n), 0.5, math.log(2)], rtol=1e-6, atol=1e-6)
 
 
+def test_sub_key_usage_and_summary():
+    """Experts a·n + b: a dead first-half sub-key kills a row of the [n, n] mass, a dead
+    second-half one a column; usage is then bounded by the product of the two shares."""
+    n = 4
+    mass = np.ones((n, n), np.float32)
+    mass[1, :] = 0  # first-half sub-key 1 never used
+    mass[:, 2:] = 0  # second-half sub-keys 2 and 3 never used
+    rows, cols = expert_stats.sub_key_usage(jnp.asarray(mass.reshape(-1)))
+    assert (float(rows), float(cols)) == (0.75, 0.5)
+    got = expert_stats.summary(mass.reshape(-1))
+    assert got == {"usage": 0.375, "unevenness": pytest.approx(math.log(16 / 6)), "key_usage_1": 0.75,
+                   "key_usage_2": 0.5}
+    assert set(expert_stats.summary(np.ones(12, np.float32))) == {"usage", "unevenness"}  # not n²: no key usage
+
+
 def test_efficient_does_not_keep_gathered_rows():
     """Compiled fwd+bwd temp memory: naive holds ≥ 2·tokens·h·k·d floats (both gathers, kept
     for backward); efficient stays below one such tensor (compile only, nothing allocated)."""

@@ -26,9 +26,11 @@ SCORE_FNS = ("softmax", "sigmoid")
 QUERY_INIT = jax.nn.initializers.lecun_normal()
 
 
-def default_key_init(d_key: int):
-    """Sub-keys ~ N(0, 1/(d_key/2)): O(1) half-scores for a BatchNormed query."""
-    return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(d_key // 2))
+def default_key_init(d_key: int, scale: float = 1.0):
+    """Sub-keys ~ N(0, scale²/(d_key/2)): O(1) half-scores for a BatchNormed query at scale 1.
+    ``scale`` (gin: ``product_key_router.default_key_init.scale``) sets the score scale the
+    router starts from, and how far an update of a given size moves a sub-key relative to its norm."""
+    return jax.nn.initializers.normal(stddev=scale / math.sqrt(d_key // 2))
 
 
 def check_config(owner: str, *, num_experts: int, heads: int, top_k: int, d_key: int, score_fn: str,

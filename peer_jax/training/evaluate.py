@@ -59,7 +59,8 @@ def accumulate(eval_step, setup: step_lib.ModelSetup, params, model_state, batch
 
 def summarize(totals) -> dict[str, float]:
     """Loss, ppl and token count; for PEER/PKM layers usage and unevenness of the router-score
-    mass summed over the batches (the paper's Table 2), and for MoE the per-expert load spread."""
+    mass summed over the batches (the paper's Table 2) and the sub-key usage of each half
+    (`expert_stats.summary`), and for MoE the per-expert load spread."""
     totals = dict(jax.device_get(totals))
     tokens = float(totals.pop("tokens"))
     loss = float(totals.pop("loss_sum")) / max(tokens, 1.0)
@@ -67,8 +68,7 @@ def summarize(totals) -> dict[str, float]:
     for name, mass in totals.items():
         layer = name.rsplit("/", 1)[0]
         if name.endswith("expert_mass"):
-            result[f"{layer}/usage"] = float(expert_stats.usage(mass))
-            result[f"{layer}/unevenness"] = float(expert_stats.unevenness(mass))
+            result.update({f"{layer}/{stat}": v for stat, v in expert_stats.summary(mass).items()})
         elif name.endswith("expert_load"):
             load = np.asarray(mass, np.float64)
             result[f"{layer}/load_max_over_mean"] = float(load.max() / max(load.mean(), 1e-9))

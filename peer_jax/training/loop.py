@@ -198,8 +198,7 @@ class Trainer:
         masses = jax.device_get(self.state["expert_mass"])
         for k, mass in masses.items():
             layer = k.rsplit("/", 1)[0]
-            row[f"{layer}/usage"] = float(expert_stats.usage(mass))
-            row[f"{layer}/unevenness"] = float(expert_stats.unevenness(mass))
+            row.update({f"{layer}/{stat}": v for stat, v in expert_stats.summary(mass).items()})
         if masses:
             self.state["expert_mass"] = jax.tree.map(lambda x: x * 0, self.state["expert_mass"])
         self.writer.write(step, row)

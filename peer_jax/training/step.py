@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import sharding
 from peer_jax.layers import expert_stats
+from peer_jax.training import optim
 
 TrainState = dict[str, Any]
 
@@ -65,10 +66,16 @@ def _split(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def group_labels(abstract_params: nnx.State) -> dict:
+    """The optimizer group (``optim.param_group``) of every parameter, from its logical axes."""
+    return _pure(jax.tree.map(lambda v: v.replace(optim.param_group(v.get_metadata().get("out_sharding"))),
+                              abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def init_model_state(model_factory, vocab_size: int, seed: int, mesh, rules):
     """Builds the model with every variable created directly in its sharding.
 
-    Returns (graphdef, params, model_state, param_shardings, model_state_shardings).
+    Returns (graphdef, params, model_state, param_shardings, model_state_shardings, group_labels).
     """
     def build():
         return model_factory(vocab_size, rngs=nnx.Rngs(params=seed))
@@ -84,7 +91,7 @@ def init_model_state(model_factory, vocab_size: int, seed: int, mesh, rules):
             return _pure(p), _pure(r)
 
         params, rest = jax.jit(init, out_shardings=(p_shard, r_shard))()
-    return graphdef, params, rest, p_shard, r_shard
+    return graphdef, params, rest, p_shard, r_shard, group_labels(abs_params)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
@@ -128,8 +135,12 @@ def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, 
 
 def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, seed: int,
                        mesh, rules) -> tuple[ModelSetup, TrainState, TrainState]:
-    """(setup, state, state_shardings) with the optimizer state sharded like the parameters."""
-    graphdef, params, rest, p_shard, r_shard = init_model_state(model_factory, vocab_size, seed, mesh, rules)
+    """(setup, state, state_shardings) with the optimizer state sharded like the parameters.
+
+    A grouped optimizer (``optim.make_optimizer(param_groups=...)``) gets its parameter labels here.
+    """
+    graphdef, params, rest, p_shard, r_shard, labels = init_model_state(model_factory, vocab_size, seed, mesh, rules)
+    optim.assign_groups(tx, labels)
     opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
     masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
@@ -167,6 +178,7 @@ def abstract_train_state(model_factory, tx: optax.GradientTransformation, vocab_
         graphdef, abs_params, abs_rest = _split(abstract)
         p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
         r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
+    optim.assign_groups(tx, group_labels(abs_params))
     sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     params = jax.tree.map(sds, _pure(abs_params), p_shard)
     rest = jax.tree.map(sds, _pure(abs_rest), r_shard)
