@@ -45,8 +45,12 @@ def accumulate(eval_step, setup: step_lib.ModelSetup, params, model_state, batch
             batch = empty_batch if batch is None else batch
         elif batch is None:
             break
-        out = eval_step(params, model_state, step_lib.host_batch(batch, setup, global_rows))
-        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+        # One eval step in flight at a time, summed on the host (the same float32 adds): eval steps
+        # do not depend on each other, and XLA:CPU runs independent executions concurrently, whose
+        # collectives then wait on each other's threads (fake CPU devices on a loaded host aborted
+        # as a stuck all-reduce).
+        out = jax.device_get(eval_step(params, model_state, step_lib.host_batch(batch, setup, global_rows)))
+        totals = out if totals is None else jax.tree.map(np.add, totals, out)
         n += 1
         if n == prefix_batches:
             prefix = totals
