@@ -132,8 +132,9 @@ def test_paper_grid_matches_the_paper():
 
 
 def test_paper_points_carry_pod_settings_that_fit_every_shape():
-    """The pod mesh and rules are in every paper file: a -1 data axis, a model axis that divides
-    every shape's heads, data x expert <= the batch on a v5e-256, and known rules presets."""
+    """The pod mesh and rules are in every paper file: one -1 axis (data, or the memory-parallel
+    group's expert axis for PEER/PKM), a model axis that divides every shape's heads, data x expert
+    <= the batch on a v5e-256, and known rules presets."""
     from peer_jax import sharding
 
     g = grids.PAPER
@@ -141,8 +142,10 @@ def test_paper_points_carry_pod_settings_that_fit_every_shape():
     for method in g.methods:
         train = dict(g.method_train[method.name])
         data, expert, model = train["mesh_shape"]
-        assert data == -1 and train["sharding_rules"] in sharding.RULE_PRESETS
-        assert (256 // model) <= g.batch_size and 256 % (expert * model) == 0
+        assert train["sharding_rules"] in sharding.RULE_PRESETS
+        resolved = sharding.resolve_mesh_shape((data, expert, model), 256)
+        assert (data == -1) != (train["sharding_rules"] == "memory_parallel")  # -1 on expert there
+        assert resolved[0] * resolved[1] <= g.batch_size and resolved[2] == model
         for shapes in g.budgets.values():
             assert all(s.num_heads % model == 0 for s in shapes)
         text = (REPO / f"configs/isoflop/paper/{method.name}_2e19_L16_d1280_h20.gin").read_text()

@@ -28,6 +28,7 @@ ARGS = ["--gin_file=configs/runs/tiny_cpu.gin", "--gin.transformer.Transformer.n
         "--gin.config.TrainConfig.seq_len=64", "--gin.config.TrainConfig.batch_size=8",
         f"--gin.config.TrainConfig.num_steps={STEPS}", "--gin.config.TrainConfig.log_every=1",
         f"--gin.config.TrainConfig.eval_every={STEPS}", "--gin.config.TrainConfig.eval_batches=1",
+        "--gin.config.TrainConfig.final_eval_batches=1",
         "--gin.config.TrainConfig.eval_tasks=['kjv']", f"--gin.config.TrainConfig.checkpoint_every={STEPS}",
         "--gin.config.TrainConfig.progress_bar=False", "--gin.config.TrainConfig.tensorboard=False",
         "--gin.config.TrainConfig.vocab_multiple=64", "--gin.optim.make_optimizer.warmup_steps=2",

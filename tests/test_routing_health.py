@@ -13,7 +13,8 @@ SMALL = ["transformer.Transformer.num_layers = 2", "transformer.Transformer.d_mo
          "transformer.Transformer.num_heads = 2", "config.TrainConfig.seq_len = 64",
          "config.TrainConfig.batch_size = 8", "config.TrainConfig.num_steps = 6",
          "config.TrainConfig.log_every = 3", "config.TrainConfig.eval_every = 3",
-         "config.TrainConfig.eval_batches = 1", "config.TrainConfig.eval_tasks = ['kjv']",
+         "config.TrainConfig.eval_batches = 1", "config.TrainConfig.final_eval_batches = 1",
+         "config.TrainConfig.eval_tasks = ['kjv']",
          "config.TrainConfig.checkpoint_every = 100", "config.TrainConfig.progress_bar = False",
          "config.TrainConfig.tensorboard = False", "config.TrainConfig.vocab_multiple = 64",
          "optim.make_optimizer.warmup_steps = 1",
@@ -28,9 +29,9 @@ def test_intermediate_evals_report_routing_health(tmp_path):
     finally:
         gin.clear_config()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/kjv/loss" in r]
+    evals = [r for r in rows if "eval_subset/kjv/loss" in r]  # the intermediate evals' subset figures
     assert [r["step"] for r in evals] == [3, 6]
     for r in evals:
-        stats = {k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith("eval/kjv/blocks/1/ffw/")}
+        stats = {k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith("eval_subset/kjv/blocks/1/ffw/")}
         assert set(stats) == {"usage", "unevenness", "key_usage_1", "key_usage_2"}
         assert 0 < stats["usage"] <= min(stats["key_usage_1"], stats["key_usage_2"]) <= 1
