@@ -46,9 +46,9 @@ def accumulate(eval_step, setup: step_lib.ModelSetup, params, model_state, batch
         elif batch is None:
             break
         # One eval step in flight at a time, summed on the host (the same float32 adds): eval steps
-        # do not depend on each other, and XLA:CPU runs independent executions concurrently, whose
-        # collectives then wait on each other's threads (fake CPU devices on a loaded host aborted
-        # as a stuck all-reduce).
+        # do not depend on each other, and with all of them in flight XLA:CPU aborted runs on fake
+        # CPU devices of a loaded host on a stuck all-reduce (independent executions may run
+        # concurrently there and their collectives wait on each other's threads).
         out = jax.device_get(eval_step(params, model_state, step_lib.host_batch(batch, setup, global_rows)))
         totals = out if totals is None else jax.tree.map(np.add, totals, out)
         n += 1
