@@ -2,8 +2,8 @@
 
 from flax import nnx as _nnx
 
-# Parameters are created sharded by jitting the initialiser with explicit out_shardings
-# (peer_jax.training.state), so Flax's eager per-variable sharding is turned off: modules can
+# Parameters are created sharded by jitting the initialiser with explicit out_shardings,
+# so Flax's eager per-variable sharding is turned off: modules can
 # then be built anywhere (tests, eval_shape) without a mesh in context.
 _nnx.use_eager_sharding(False)
 

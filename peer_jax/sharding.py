@@ -193,10 +193,6 @@ def logical_to_spec(logical: Sequence[str | None], rules: LogicalRules) -> P:
     return P(*out)
 
 
-def logical_sharding(mesh: Mesh, logical: Sequence[str | None], rules: LogicalRules) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical, rules))
-
-
 def state_shardings(abstract_state, mesh: Mesh, rules: LogicalRules):
     """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names."""
 
@@ -220,14 +216,6 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if not rules or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules))
-
-
-def mesh_axis_size(name: str) -> int:
-    """Size of a mesh axis of the mesh in context (1 outside a mesh or if absent)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or name not in mesh.axis_names:
-        return 1
-    return mesh.shape[name]
 
 
 def mesh_axes(logical: str, mesh=None, rules: LogicalRules | None = None) -> tuple[str, ...]:

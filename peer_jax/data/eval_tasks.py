@@ -24,7 +24,6 @@ FILE_TASKS = {
     "lambada": "LAMBADA (Paperno et al.), test split, one passage per line",
     "curation": "Curation Corpus (Curation 2020), article texts, a fixed sample",
 }
-EVAL_TASKS = ("c4", *FILE_TASKS)
 
 _DIR: list[str | None] = [None]
 

@@ -24,7 +24,7 @@ import seqio
 from peer_jax.data import eval_tasks as _eval_tasks  # noqa: F401  (registers the file-based eval sets)
 from peer_jax.data import streaming
 from peer_jax.data import tasks as tasks_lib
-from peer_jax.data.vocab import cache_dir, vocab_id
+from peer_jax.data.vocab import cache_dir
 
 _RENAME = {
     "decoder_input_tokens": "inputs",
@@ -163,12 +163,4 @@ def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabular
 def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
     """An all-padding batch (weight 0 everywhere): what a host that has run out contributes."""
     return {k: np.zeros((rows, seq_len), np.float32 if k == "weights" else np.int32) for k in _RENAME.values()}
-
-
-def unigram_entropy(arrays: dict[str, np.ndarray], vocab_size: int) -> float:
-    """Entropy (nats/token) of the empirical unigram distribution of real target tokens."""
-    t = arrays["targets"][arrays["weights"] > 0]
-    p = np.bincount(t.ravel(), minlength=vocab_size).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
 

@@ -32,8 +32,6 @@ import grain
 import numpy as np
 import seqio
 
-FEATURES = ("inputs", "targets", "weights", "segment_ids", "positions")
-
 
 def data_source(tfds_name: str, split: str):
     """The random-access TFDS source of `tfds_name` (from $TFDS_DATA_DIR); a clear error if absent."""

@@ -146,10 +146,6 @@ def tfds_name(task: str) -> str | None:
     return STREAMED_TFDS.get(task)
 
 
-def task_names() -> list[str]:
-    return sorted({**_sources(), **EXTRA_SOURCES})
-
-
 def get_task(name: str, vocab: seqio.Vocabulary) -> seqio.Task:
     """The seqio Task `name` for this vocabulary, registered on first use."""
     sources = {**_sources(), **EXTRA_SOURCES}
