@@ -9,8 +9,8 @@ pipeline on top of it:
 
 Every stage up to the host stride is a pure function of the index, so the iterator state is
 a position (the next index, the packer's window), and `set_state` re-reads at most one
-packing window: resuming at step 10⁵ costs what resuming at step 1 does (measured in
-docs/pod_scale.md), where replaying a tf.data stream with `skip(step)` grew with the step.
+packing window: resuming at step 10⁵ costs what resuming at step 1 does (docs/pod_scale.md),
+where replaying a tf.data stream with `skip(step)` grows with the step.
 The state is plain JSON and is saved in the checkpoint with the model.
 
 Why Grain + ArrayRecord rather than a checkpointed tf.data iterator: tf.data's iterator

@@ -27,9 +27,8 @@ multiplied by every expert's weights, i.e. E·k expert MLPs per token, the same 
 the one-hot reference times k. It is exact, only not fast; `ragged_dot_is_dense()` tells
 `peer_jax/flops.py` to report that extra work as overhead (it is not model FLOPs).
 `MoE(grouped_matmul="padded_blocks")` is the CPU alternative (`padded_block_expert_mlp`): each
-expert's rows padded to whole blocks, one batched matmul over blocks. On the mini2 point
-moe_dropless_1e13_L3_d96_h3 it makes the train step 2.3x faster than ragged_dot and 1.07x the
-dense step (benchmarks/moe_dropless_cpu.py).
+expert's rows padded to whole blocks, one batched matmul over blocks, so the arithmetic is
+that of the routed tokens only (speed against ragged_dot and dense: benchmarks/moe_dropless_cpu.py).
 
 Expert parallelism (`dropless_expert_parallel`, a `jax.shard_map`)
 ------------------------------------------------------------------

@@ -21,8 +21,8 @@ from peer_jax.layers.product_keys import product_key_topk
 
 SCORE_FNS = ("softmax", "sigmoid")
 
-# The query kernel's initialiser: nnx.Linear's default (LeCun normal), which the query was
-# before it became a plain parameter; keeps the initial values of earlier runs.
+# The query kernel's initialiser: nnx.Linear's default (LeCun normal), so the query's initial
+# values equal those of an nnx.Linear query (committed runs re-run bit for bit).
 QUERY_INIT = jax.nn.initializers.lecun_normal()
 
 

@@ -10,8 +10,8 @@ another runs the next step's collectives: the job hangs. So:
   host checking a counter while that is being computed waits for it, so no host can pass the
   sync point unknowingly, and `reached_preemption_sync_point` is true on every host at the
   same counter. It costs no collective per step (only a local comparison). We install **no
-  Python handler** here: `signal.signal(SIGTERM, ...)` would replace the C++ one, the bug
-  that used to hang staggered preemptions. The counter is the number of steps run by this
+  Python handler** here: `signal.signal(SIGTERM, ...)` would replace the C++ one, and a
+  replaced handler hangs staggered preemptions. The counter is the number of steps run by this
   process (not the global step), which starts at the same value on every host, so a notice
   that arrives during start-up stops the run after its first step.
 * **One process:** a Python handler sets a flag, checked after each step.
