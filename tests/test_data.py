@@ -117,3 +117,17 @@ def test_sentencepiece_vocabulary_trains_locally(tmp_path):
     assert v.vocab_size == 300 and v.eos_id == 1 and v.pad_id == 0
     ids = v.encode("In the beginning God created the heaven")
     assert v.decode(ids) == "In the beginning God created the heaven" and len(ids) < 30
+
+
+def test_kjv_novel_drops_verses_that_repeat_training_text():
+    val = tasks.kjv_documents()["validation"]
+    novel = tasks.kjv_novel_documents()["validation"]
+    verses = [v for d in val for v in d.split("\n")[1:]]
+    kept = [v for d in novel for v in d.split("\n")[1:]]
+    assert set(kept) <= set(verses) and 0 < len(verses) - len(kept) < 0.1 * len(verses)
+    # A formula that occurs all over the training split is gone; the chapter heads stay.
+    assert "And the LORD spake unto Moses, saying," in verses
+    assert "And the LORD spake unto Moses, saying," not in kept
+    assert {d.split("\n")[0] for d in novel} <= {d.split("\n")[0] for d in val}
+    arrays = pipeline.packed_arrays("kjv_novel", "validation", 64, BYTES)
+    assert 0.9 * sum(map(len, val)) < arrays["weights"].sum() < sum(len(d) + 1 for d in val)

@@ -1,4 +1,5 @@
-"""seqio tasks: the embedded KJV corpus, two held-out English texts, and C4.
+"""seqio tasks: the embedded KJV corpus (and its validation split without repeated verses),
+two held-out English texts, and C4.
 
 Tasks are registered per vocabulary (`<task>.<vocab_id>`, e.g. `kjv.bytes`) on first use by
 `get_task(name, vocab)`. Every text task shares one preprocessing chain:
@@ -25,6 +26,7 @@ import tensorflow as tf
 from peer_jax.data.vocab import vocab_id
 
 KJV_VALIDATION_EVERY = 20  # chapter i is validation iff i % 20 == 0 (59 of 1189 chapters)
+NOVEL_NGRAM, KJV_NOVEL_SHARED = 5, 0.5  # `kjv_novel`: drop verses with >= half their 5-grams seen
 SHAKESPEARE_SCENES = 120  # of 775 scenes, shuffled: ≈ 0.75 M bytes, ~4× what a 96-batch mini eval reads
 
 
@@ -67,6 +69,35 @@ def kjv_documents() -> dict[str, tuple[str, ...]]:
         split = "validation" if i % KJV_VALIDATION_EVERY == 0 else "train"
         docs[split].append(f"{book} {chapter}\n" + "\n".join(verses))
     return {k: tuple(v) for k, v in docs.items()}
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = re.findall(r"[a-z]+", text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+@functools.cache
+def kjv_novel_documents() -> dict[str, tuple[str, ...]]:
+    """The KJV validation chapters without the verses that largely repeat training text.
+
+    The Bible repeats itself (1 Kings 10 and 2 Chronicles 9, Psalms 42 and 43, the synoptic
+    gospels, formulas such as "And the LORD spake unto Moses, saying,"), so part of the `kjv`
+    validation split tests recall of seen text. A verse is dropped when at least
+    KJV_NOVEL_SHARED of its word NOVEL_NGRAM-grams (lower-cased letters only) occur in the
+    training split; verses too short to have one are kept. Eval-only: `kjv_novel` has no train
+    split."""
+    docs = kjv_documents()
+    seen: set[tuple[str, ...]] = set()
+    for doc in docs["train"]:
+        seen |= _word_ngrams(doc.split("\n", 1)[1], NOVEL_NGRAM)
+    kept = []
+    for doc in docs["validation"]:
+        head, *verses = doc.split("\n")
+        novel = [v for v in verses
+                 if not (g := _word_ngrams(v, NOVEL_NGRAM)) or len(g & seen) < KJV_NOVEL_SHARED * len(g)]
+        if novel:
+            kept.append("\n".join([head, *novel]))
+    return {"validation": tuple(kept)}
 
 
 @functools.cache
@@ -123,6 +154,7 @@ def _texts_source(docs_by_split: Callable[[], dict[str, tuple[str, ...]]], split
 def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
     return {
         "kjv": lambda: _texts_source(kjv_documents, ("train", "validation")),
+        "kjv_novel": lambda: _texts_source(kjv_novel_documents, ("validation",)),
         "pydoc": lambda: _texts_source(lambda: {"validation": pydoc_documents()}, ("validation",)),
         "shakespeare": lambda: _texts_source(lambda: {"validation": shakespeare_documents()}, ("validation",)),
         "c4": lambda: seqio.TfdsDataSource(tfds_name="c4/en:3.1.0", splits={"train": "train", "validation": "validation"}),
