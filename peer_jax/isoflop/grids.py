@@ -42,6 +42,12 @@ class Shape:
         return f"L{self.num_layers}_d{self.d_model}_h{self.num_heads}"
 
 
+def budget_tag(budget: float) -> str:
+    """6e18 → '6e18', 1.5e13 → '1.5e13' (point names, fit labels)."""
+    mantissa, exponent = f"{budget:.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     name: str
