@@ -1,13 +1,9 @@
 """peer_jax.host: the host record and the XLA:CPU pin's checks (fast, in-process)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import pytest
 
-from peer_jax import host
+from peer_jax import compare_runs, host
 
 AVX2_CPU = {"sse4_2", "avx", "avx2", "fma"}
 
@@ -66,11 +62,6 @@ def test_describe_and_differences():
 
 
 def test_compare_runs_names_runs_from_different_hosts():
-    spec = importlib.util.spec_from_file_location(
-        "compare_runs", Path(__file__).resolve().parent.parent / "scripts/compare_runs.py")
-    compare_runs = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compare_runs", compare_runs)
-    spec.loader.exec_module(compare_runs)
     h = host.describe(None)
     rows = [{"run": "seed0", "host": h}, {"run": "rerun", "host": dict(h)},
             {"run": "elsewhere", "host": {**h, "usable_cpus": 64}}]

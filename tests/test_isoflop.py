@@ -1,4 +1,4 @@
-"""isoFLOP tooling: grid generation (configs/isoflop), the sweep runner and the parabola fit.
+"""isoFLOP tooling (peer_jax.isoflop): grid generation, the sweep runner, the fit and the ablation table.
 
 The shipped grids are regenerated in memory and compared with the files on disk: every point
 file parses with gin, builds abstractly, and its integer step count realises its budget within
@@ -6,7 +6,6 @@ file parses with gin, builds abstractly, and its integer step count realises its
 slow, end to end with the real trainer on a two-point grid of tiny models.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -19,23 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peer_jax.isoflop import ablation, bootstrap, fit, grids, plan, report, sweep
+from peer_jax.isoflop import generate as gen
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gen = _load("isoflop_generate", REPO / "configs/isoflop/generate.py")
-sweep = _load("isoflop_sweep", REPO / "scripts/isoflop_sweep.py")
-fit = _load("fit_isoflop", REPO / "scripts/fit_isoflop.py")
-grids = gen.grids
-plan = _load("isoflop_plan", REPO / "configs/isoflop/plan.py")
 
 
 def _missing_model_files(grid) -> list[str]:
@@ -253,7 +239,7 @@ def test_fit_script_writes_plot_table_and_json(tmp_path, capsys):
                 loss = 2.0 + shift + 0.1 * (math.log(n) - u0) ** 2 + 1e-4 * rng.standard_normal()
                 _fake_summary(tmp_path / "runs", method, budget, n, loss)
     _fake_summary(tmp_path / "runs", "peer", 5e12, 1e4, 0.1, status="partial")  # ignored
-    assert fit.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "fit"), "--no_parametric"]) == 0
+    assert report.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "fit"), "--no_parametric"]) == 0
     out = json.loads((tmp_path / "fit/isoflop_fit.json").read_text())
     assert out["eval_tasks"] == ["kjv", "pydoc"] and len(out["fits"]) == 4
     for f in out["fits"]:
@@ -292,7 +278,7 @@ def test_bootstrap_interval_of_the_vertex_covers_the_truth():
     repeats = 20
     for r in range(repeats):
         groups = _seeded_groups(np.random.default_rng(r), truth=truth, seeds=8, noise=0.01)
-        fits, _ = fit.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=150, seed=r,
+        fits, _ = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=150, seed=r,
                               parametric=False)
         for f in fits:
             assert f.seeds == 8 and f.ci95 is not None
@@ -311,21 +297,21 @@ def test_one_seed_gives_no_intervals_and_seeds_resample_per_point():
     rng = np.random.default_rng(0)
     truth = lambda n, d, b: 1.5 + 0.05 * (math.log(n) - math.log(1e5)) ** 2
     groups = _seeded_groups(rng, truth=truth, seeds=1)
-    fits, _ = fit.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
+    fits, _ = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
     assert all(f.ci95 is None and f.seeds == 1 for f in fits)
     # Curves without replicates get no interval even when other curves have them (a degenerate
     # [x, x] would read as certainty), and PEER is compared only where both sides have seeds.
     mixed = {**_seeded_groups(rng, truth=truth, budgets=(1e12,), seeds=3),
              **_seeded_groups(rng, truth=truth, budgets=(3e12,), seeds=1),
              **_seeded_groups(rng, method="dense", truth=truth, budgets=(1e12, 3e12), seeds=3)}
-    fits, _ = fit.fit_all(mixed, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
+    fits, _ = bootstrap.fit_all(mixed, ["kjv"], "active_non_embedding", bootstrap_samples=50, parametric=False)
     by = {(f.method, f.budget): f for f in fits}
     assert by[("peer", 3e12)].ci95 is None and by[("peer", 3e12)].p_peer_lower is None
     assert by[("dense", 3e12)].ci95 is not None
     lo, hi = by[("peer", 1e12)].ci95["optimal_loss"]["kjv"]
     assert lo < hi and set(by[("peer", 1e12)].p_peer_lower) == {"dense"}
     groups = _seeded_groups(rng, truth=truth, seeds=3)
-    sample = fit.resample_seeds(groups, np.random.default_rng(1))
+    sample = bootstrap.resample_seeds(groups, np.random.default_rng(1))
     for key, pts in groups.items():
         for p, q in zip(pts, sample[key]):
             assert len(q["loss"]["kjv"]) == 3 and set(q["loss"]["kjv"]) <= set(p["loss"]["kjv"])
@@ -348,7 +334,7 @@ def test_parametric_fit_recovers_a_known_loss_surface_and_its_optimum():
         assert optima[b]["optimal_loss"] == pytest.approx(true_opt, abs=1e-4)
         assert not optima[b]["at_edge"]
     noisy = _seeded_groups(np.random.default_rng(1), budgets=budgets, sizes=sizes, seeds=4, noise=0.01, truth=truth)
-    fits, params = fit.fit_all(noisy, ["kjv"], "active_non_embedding", bootstrap_samples=30, parametric_samples=30)
+    fits, params = bootstrap.fit_all(noisy, ["kjv"], "active_non_embedding", bootstrap_samples=30, parametric_samples=30)
     assert set(params) == {"peer"}
     for f in fits:
         ns = np.exp(np.linspace(math.log(1e4), math.log(1e6), 4000))
@@ -367,7 +353,7 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
                     _fake_summary(tmp_path / f"seed{seed}", method, budget, n, loss, tokens=budget / (6 * n))
     args = ["--root", str(tmp_path / "seed0"), "--root", str(tmp_path / "seed1"), "--out", str(tmp_path / "fit"),
             "--bootstrap", "60", "--bootstrap_parametric", "10"]
-    assert fit.main(args) == 0
+    assert report.main(args) == 0
     out = json.loads((tmp_path / "fit/isoflop_fit.json").read_text())
     assert len(out["fits"]) == 6 and set(out["parametric"]) == {"dense", "moe_dropless", "peer"}
     for f in out["fits"]:
@@ -583,11 +569,10 @@ def test_sweep_end_to_end_with_the_trainer(tmp_path):
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
     r = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count("skip") == 2, r.stdout
-    assert fit.main(["--root", str(root), "--out", str(tmp_path / "fit")]) == 0
+    assert report.main(["--root", str(root), "--out", str(tmp_path / "fit")]) == 0
 
 
 # ----------------------------------------------------------------------------- ablations
-ablation = _load("ablation_table", REPO / "scripts/ablation_table.py")
 
 
 def test_ablation_table_averages_seeds_per_variant_and_writes_plots(tmp_path):

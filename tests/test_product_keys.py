@@ -238,31 +238,19 @@ def test_native_ties_follow_lax_top_k():
 # ----------------------------------------------------------------------------- routing reach check
 
 
-def _routing_reach():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name, path = "routing_reach", Path(__file__).resolve().parent.parent / "scripts/routing_reach.py"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def test_routing_reach_counts_reached_experts_and_dependent_halves():
-    """scripts/routing_reach.py: usage is the share of items in some exact top-k (checked against
-    the brute-force top-k), and a query whose second half copies its first reaches fewer pairs
-    than the same halves paired at random."""
-    reach = _routing_reach()
+    """peer_jax.routing_reach (scripts/routing_reach.py): usage is the share of items in some
+    exact top-k (checked against the brute-force top-k), and a query whose second half copies its
+    first reaches fewer pairs than the same halves paired at random."""
+    from peer_jax import routing_reach
+
     rng = np.random.default_rng(0)
     n, half, heads, top_k = 8, 3, 2, 2
     sub_keys = rng.standard_normal((2, n, half)).astype(np.float32)
     q1 = rng.standard_normal((400, heads, half)).astype(np.float32)
     q = np.concatenate([q1, q1], axis=-1)  # q₂ = q₁: fully dependent halves
     x = rng.standard_normal((400, 4))
-    rep = reach.layer_report(x, q, sub_keys, top_k)
+    rep = routing_reach.layer_report(x, q, sub_keys, top_k)
     _, idx = brute_force_topk(jnp.asarray(q), jnp.asarray(sub_keys), top_k)
     hit = np.zeros(n * n, bool)
     hit[np.asarray(idx).reshape(-1)] = True

@@ -16,6 +16,16 @@ the FFW of the middle block only (`Transformer.sparse_blocks = "middle"`).
 The model gin file of a method sets everything else about its layer (d_key, activation,
 compute mode, ...); `bindings` pin the hyperparameters that define the grid, so the emitted
 file states them even if the model file changes.
+
+Why frozen dataclasses and not ml-collections `ConfigDict`s (big_vision's habit): in big_vision
+the ConfigDict *is* the run's configuration, overridden from the command line. Here gin is: a
+point's gin file is the record a run is reproduced from, and `--gin.NAME=VALUE` overrides it.
+A grid only generates those files, and the committed files must be exactly what the committed
+grid generates (`generate.py --check`, tests/test_isoflop.py), so a grid is changed by editing
+this module, never per invocation; what a ConfigDict adds (command-line overrides, field
+references, locking) would have nothing to do. Frozen dataclasses give what is used: declared
+fields, immutability and `dataclasses.replace` for derived grids (mini2 from mini, ablate from
+mini2). So ml-collections is not a dependency of peer_jax (clu still pulls it in).
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ class Shape:
     @property
     def tag(self) -> str:
         return f"L{self.num_layers}_d{self.d_model}_h{self.num_heads}"
+
+
+def budget_tag(budget: float) -> str:
+    """6e18 → '6e18', 1.5e13 → '1.5e13' (point names, fit labels)."""
+    mantissa, exponent = f"{budget:.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 @dataclasses.dataclass(frozen=True)
