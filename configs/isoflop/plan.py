@@ -1,7 +1,7 @@
 """Plans the CPU wall time of an isoFLOP grid from measured runs (`--help` for flags).
 
-    python configs/isoflop/plan.py configs/isoflop/mini2 --measured results/isoflop_mini \
-        --measured results/isoflop_mini_seed1 --measured 'results/isoflop_mini_lr/*' [--budgets 1e13]
+    python configs/isoflop/plan.py configs/isoflop/mini2 --measured results/superseded/isoflop_mini \
+        --measured results/superseded/isoflop_mini_seed1 --measured 'results/isoflop_mini_lr/*' [--budgets 1e13]
 
 How the prediction is made: `peer_jax/isoflop/plan.py`.
 """

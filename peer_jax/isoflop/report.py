@@ -1,7 +1,7 @@
 """Fits isoFLOP curves to finished sweep runs, with bootstrap intervals over seeds.
 
-    python scripts/fit_isoflop.py --root results/isoflop_mini --root results/isoflop_mini_seed1 \
-        --out results/isoflop_mini/fit
+    python scripts/fit_isoflop.py --root results/isoflop_mini2/seed0 --root results/isoflop_mini2/seed1 \
+        --root results/isoflop_mini2/seed2 --out results/isoflop_mini2/fit
 
 Reads ROOT/*/summary.json (written by scripts/isoflop_sweep.py, or by its `--summarize` for
 runs trained elsewhere; points with status 'done'). **Each `--root` is one seed of the grid**:
