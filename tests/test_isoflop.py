@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_jax.isoflop import ablation, bootstrap, fit, grids, plan, report, sweep
+from peer_jax.isoflop import ablation, bootstrap, fit, grids, plan, report, robustness, sweep
 from peer_jax.isoflop import generate as gen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -341,6 +341,31 @@ def test_parametric_fit_recovers_a_known_loss_surface_and_its_optimum():
         true_opt = float(np.min(law(ns, f.budget / (6 * ns))))
         lo, hi = f.approach3["ci95"]["optimal_loss"]
         assert lo <= true_opt <= hi and hi - lo < 0.05
+
+
+def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
+    """Two methods on one law that differ only in A (PEER's model term 20 % smaller): the shared-E
+    fit finds the common E, every variant puts PEER below, and the data-constrained D′ equals D
+    up to one epoch and grows slower after it."""
+    E, alpha, B, beta = 1.2, 0.35, 60.0, 0.3
+    budgets, sizes = (1e12, 3e12, 1e13), (1e4, 2.5e4, 6e4, 1.5e5, 4e5, 1e6)
+    groups = {}
+    for method, a in (("peer", 32.0), ("dense", 40.0)):
+        groups.update(_seeded_groups(np.random.default_rng(0), method=method, budgets=budgets, sizes=sizes, seeds=1,
+                                     noise=0.0, truth=lambda n, d, b, a=a: E + a / n**alpha + B / d**beta))
+    rob = robustness.robustness(groups, ["kjv"], "active_non_embedding", unique_tokens=1e7)
+    assert rob["shared_E"] == pytest.approx(E, rel=1e-2)
+    for b in ("1e12", "3e12", "1e13"):
+        v = rob["verdicts"][f"peer-vs-dense@{b}"]
+        assert {"a2_window3", "a2_window5", "a2_all", "a3", "a3_shared_E", "a3_data_constrained"} <= set(v["variants"])
+        assert any(k.startswith("a2_drop_") for k in v["variants"])
+        assert v["range"][1] < 0
+        lo, hi = rob["curves"][f"peer@{b}"]["range"]
+        assert lo <= rob["curves"][f"peer@{b}"]["variants"]["a3"] <= hi
+    d = np.array([5e6, 1e7, 3e7, 1e9])
+    dp = robustness.effective_tokens(d, 1e7)
+    assert dp[:2] == pytest.approx(d[:2]) and np.all(np.diff(dp) > 0) and np.all(dp[2:] < d[2:])
+    assert dp[-1] < 1e7 * (1 + robustness.MUENNIGHOFF_R_STAR)
 
 
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):

@@ -29,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from peer_jax.isoflop import plots
+from peer_jax.isoflop import plots, robustness
 from peer_jax.isoflop.bootstrap import fit_all
 from peer_jax.isoflop.fit import METHOD_LONG, METHOD_NAMES, METHOD_ORDER, PARAM_KINDS, REFERENCE, Fit, label
 from peer_jax.isoflop.grids import budget_tag
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_parametric", action="store_true", help="skip Approach 3 (the L(N, D) fit)")
     p.add_argument("--window", type=int, default=5,
                    help="Approach 2 fits the WINDOW consecutive sizes centred on the best one (0: every size)")
+    p.add_argument("--unique_tokens", type=float, default=None,
+                   help="tokens in one epoch of the training split (the grid's grid.md states it): adds the "
+                        "data-constrained Approach 3 variant to the robustness ranges")
     args = p.parse_args(argv)
     if args.window and args.window < 3:
         p.error(f"--window {args.window}: a parabola needs at least 3 sizes (0 fits every size)")
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, t in enumerate(tasks):
         plots.plot(fits, t, out / ("isoflop.png" if i == 0 else f"isoflop_{t}.png"), args.params)
     plots.plot_optimum(fits, tasks[0], out / "optimum.png")
-    table = markdown_table(fits, tasks, args.params, parametric)
+    rob = robustness.robustness(groups, tasks, args.params, args.unique_tokens)
+    table = markdown_table(fits, tasks, args.params, parametric) + "\n" + robustness.markdown(rob, fits, METHOD_NAMES)
     (out / "isoflop_table.md").write_text(table)
     (out / "isoflop_fit.json").write_text(json.dumps(
         {"params_kind": args.params, "eval_tasks": tasks, "roots": [str(r) for r in args.root],
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
          "bootstrap": {"samples": args.bootstrap, "parametric_samples": min(args.bootstrap, args.bootstrap_parametric),
                        "seed": args.bootstrap_seed,
                        "resampling": "seeds of each point, with replacement"},
-         "parametric": parametric, "fits": [dataclasses.asdict(f) for f in fits]}, indent=1))
+         "parametric": parametric, "robustness": rob, "fits": [dataclasses.asdict(f) for f in fits]}, indent=1))
     print(table)
     print(f"wrote {out}/isoflop.png, optimum.png, isoflop_table.md, isoflop_fit.json")
     return 0
