@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_jax.isoflop import ablation, bootstrap, fit, grids, plan, report, robustness, sweep
+from peer_jax.isoflop import ablation, bootstrap, curves, fit, grids, plan, report, robustness, sweep
 from peer_jax.isoflop import generate as gen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -629,3 +629,17 @@ def test_ablation_table_averages_seeds_per_variant_and_writes_plots(tmp_path):
     assert table2[(16384, True)]["usage"]["mean"] == pytest.approx(0.6)
     assert (out / "fig3a_experts.png").stat().st_size > 0 and (out / "fig3b_active.png").stat().st_size > 0
     assert "| 128² | off | 1 |" in (out / "ablation.md").read_text()
+
+
+def test_validation_curves_pair_each_eval_with_the_train_loss_since_the_previous_one(tmp_path):
+    run = tmp_path / "lr1e-2" / "peer_point"
+    run.mkdir(parents=True)
+    rows = [{"step": s, "ce_loss": 3.0 - 0.1 * s, "loss": 9.0} for s in (1, 2, 3, 4)]
+    rows.insert(2, {"step": 2, "eval_subset/kjv/loss": 2.9})
+    rows += [{"step": 4, "eval_subset/kjv/loss": 2.75, "eval/kjv/loss": 2.7}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = curves.read_curve(run, "kjv")
+    assert c["steps"] == [2, 4] and c["eval"] == [2.9, 2.75] and c["final"] == (4, 2.7)
+    assert c["train"] == pytest.approx([2.85, 2.65])  # ce_loss means over steps 1-2 and 3-4
+    assert curves.main([str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0 and "lr1e-2/peer_point" in json.loads((tmp_path / "c.json").read_text())
