@@ -94,7 +94,7 @@ def checkpoint_command(argv: list[str] | None, description: str, add_arguments, 
     joins the pod with `--distributed`, and returns (None, args, work(cfg, args)) from every host,
     or (exit status, None, None) after reporting a failure as one line. `prepare(args)` checks
     the flags before JAX starts."""
-    from peer_jax import gin_utils, multihost, runtime
+    from peer_jax import cli, gin_utils, multihost, runtime
 
     try:
         args, bindings = gin_utils.command_line(argv, description, add_arguments, distributed=True)
@@ -102,7 +102,7 @@ def checkpoint_command(argv: list[str] | None, description: str, add_arguments, 
             prepare(args)
         runtime.configure_malloc()  # before the JAX backend starts its threads
     except (gin_utils.ConfigError, ValueError) as e:
-        return gin_utils.fail(e), None, None
+        return cli.fail(e), None, None
     logging.basicConfig(level=logging.WARNING)
 
     import gin
@@ -157,6 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from peer_jax import gin_utils
+    from peer_jax import cli
 
-    gin_utils.exit_cli(main())
+    cli.exit_cli(main())

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import gin
 
+from peer_jax import cli
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +60,7 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
         try:
             gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
         except _GIN_ERRORS as e:
-            raise ConfigError(f"gin configuration error in {', '.join(gin_files)}: {_first_line(e)}.") from e
+            raise ConfigError(f"gin configuration error in {', '.join(gin_files)}: {cli.first_line(e)}.") from e
         except OSError as e:
             raise ConfigError(f"gin include not found: {e}") from e
         for binding in bindings:  # one at a time, so an error names its binding
@@ -78,15 +80,10 @@ _GIN_ERRORS = (ValueError, KeyError, ImportError, SyntaxError, TypeError, tokeni
 
 
 def _reason(e: BaseException) -> str:
-    line = _first_line(e).rstrip(".")
+    line = cli.first_line(e).rstrip(".")
     if "malformed node" in line or isinstance(e, (SyntaxError, tokenize.TokenError)):
         return "the value is not a gin/Python literal"
     return line
-
-
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
 
 
 def common_parser(description: str, distributed: bool = False) -> argparse.ArgumentParser:
@@ -112,28 +109,3 @@ def command_line(argv: list[str] | None, description: str,
     if add_arguments is not None:
         add_arguments(parser)
     return parser.parse_args(rest), bindings
-
-
-def fail(error: BaseException | str, status: int = 2) -> int:
-    """Prints `error: <message>` on stderr and returns the exit status (2: bad configuration).
-
-    Buffered stdout goes out first, so that with both streams on one terminal or pipe the
-    message comes last (`exit` keeps it last)."""
-    sys.stdout.flush()
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    return status
-
-
-def exit_cli(status: int) -> None:
-    """`sys.exit(status)` for a command-line entry point whose failure `fail` has reported.
-
-    After a failure, stdout and stderr are flushed and then pointed at /dev/null: whatever
-    library threads (TensorStore, orbax), absl or TF print while the interpreter shuts down
-    would otherwise follow the error line, which must stay the last thing printed."""
-    if status:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-    sys.exit(status)

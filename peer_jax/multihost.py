@@ -30,6 +30,8 @@ import threading
 import time
 import uuid
 
+from peer_jax import cli
+
 log = logging.getLogger("peer_jax")
 
 EXIT_HOST_LOST = 4
@@ -101,7 +103,7 @@ class _Pod:
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > self.host_timeout_s:
                     self._die(f"lost the coordinator {self.describe(0)} at {self.coordinator}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                              f"{cli.first_line(e)}")
                 continue
             alive, failed, done = _by_process(entries, "alive"), _by_process(entries, "failed"), _by_process(entries, "done")
             failed.pop(self.me, None)
@@ -175,7 +177,7 @@ def initialize(args: argparse.Namespace) -> None:
             heartbeat_timeout_seconds=int(args.host_timeout_s) + 30)
     except Exception as e:  # noqa: BLE001 - jax raises several types here
         raise PodError(
-            f"could not join the pod through the coordinator at {address} ({_first_line(e)}). Check that "
+            f"could not join the pod through the coordinator at {address} ({cli.first_line(e)}). Check that "
             "--num_processes/--process_id match the other hosts and that all of them start within "
             f"--coordinator_timeout_s={args.coordinator_timeout_s}.") from e
     state = jax_distributed.global_state
@@ -253,20 +255,13 @@ def finish(status: int, message: str | None = None, *, grace_s: float = 0.0) -> 
 
 def fail(error: BaseException | str, status: int = 2, *, grace_s: float = 0.0) -> int:
     """`error: <message>` on stderr, then `finish` (the CLIs' one failure path)."""
-    from peer_jax import gin_utils
-
-    return finish(gin_utils.fail(error, status), str(error), grace_s=grace_s)
+    return finish(cli.fail(error, status), str(error), grace_s=grace_s)
 
 
 def jax_distributed():
     from jax._src import distributed
 
     return distributed
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [x for x in str(e).strip().splitlines() if x.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +323,7 @@ def check_cloud_credentials(path: str) -> None:
         google.auth.default()
     except DefaultCredentialsError as e:
         raise PodError(
-            f"{path}: no Google Cloud credentials found ({_first_line(e)}). On a TPU VM the VM's service "
+            f"{path}: no Google Cloud credentials found ({cli.first_line(e)}). On a TPU VM the VM's service "
             "account is used; elsewhere run `gcloud auth application-default login` or set "
             "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file. Or use a local --workdir.") from e
 

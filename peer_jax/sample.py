@@ -320,6 +320,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from peer_jax import gin_utils
+    from peer_jax import cli
 
-    gin_utils.exit_cli(main())
+    cli.exit_cli(main())

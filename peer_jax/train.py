@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils, host, multihost, runtime
+    from peer_jax import cli, gin_utils, host, multihost, runtime
 
     def add_arguments(parser):
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments, distributed=True)
         malloc = runtime.configure_malloc()  # before the JAX backend starts its threads
     except (gin_utils.ConfigError, ValueError) as e:
-        return gin_utils.fail(e)
+        return cli.fail(e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -91,6 +91,6 @@ def _write_operative_config(workdir: epath.Path) -> None:
 
 
 if __name__ == "__main__":
-    from peer_jax import gin_utils
+    from peer_jax import cli
 
-    gin_utils.exit_cli(main())
+    cli.exit_cli(main())

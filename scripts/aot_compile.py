@@ -408,7 +408,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer_jax import gin_utils
+    from peer_jax import cli, gin_utils
     from peer_jax.sharding import RULE_PRESETS
 
     argv = sys.argv[1:] if argv is None else argv
@@ -430,11 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, bindings = gin_utils.command_line(argv, __doc__.splitlines()[0], add_arguments)
     except gin_utils.ConfigError as e:
-        return gin_utils.fail(e)
+        return cli.fail(e)
     if not args.gin_file:
-        return gin_utils.fail("--gin_file is required, e.g. --gin_file=configs/isoflop/paper/peer_2e19_L16_d1280_h20.gin")
+        return cli.fail("--gin_file is required, e.g. --gin_file=configs/isoflop/paper/peer_2e19_L16_d1280_h20.gin")
     if not libtpu_available():
-        return gin_utils.fail("libtpu is not importable in this Python environment. Create the AOT environment "
+        return cli.fail("libtpu is not importable in this Python environment. Create the AOT environment "
                               "with `bash launch/setup_aot_venv.sh` and run this script with .venv-tpu/bin/python "
                               "(see launch/README.md).")
     mesh_shape = None
@@ -442,12 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mesh_shape = tuple(int(s) for s in args.mesh_shape.strip("()").split(","))
         except ValueError:
-            return gin_utils.fail(f"--mesh_shape={args.mesh_shape!r}: write data,expert,model, e.g. -1,1,4")
+            return cli.fail(f"--mesh_shape={args.mesh_shape!r}: write data,expert,model, e.g. -1,1,4")
     options = {}
     for item in args.xla_option:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            return gin_utils.fail(f"--xla_option={item!r}: write NAME=VALUE, e.g. "
+            return cli.fail(f"--xla_option={item!r}: write NAME=VALUE, e.g. "
                                   "xla_tpu_offload_gather_to_sparsecore=true")
         options[name] = {"true": True, "false": False}.get(value.lower(), value)
     try:
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                                     vocab_size=args.vocab_size, chip_config=args.chip_config,
                                     compiler_options=options, hlo_out=args.hlo_out)
     except (gin_utils.ConfigError, ValueError, FileNotFoundError) as e:
-        return gin_utils.fail(e)
+        return cli.fail(e)
     report["command"] = " ".join(["scripts/aot_compile.py", *argv])
     print(format_report(report))
     if args.json:

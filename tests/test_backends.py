@@ -1,5 +1,5 @@
 """The backend seam (peer_jax/backends): the CPU backend's forms equal the portable reference,
-and the choice follows the platform being compiled for."""
+and a layer's ops follow its compute setting and the platform it is built for."""
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +19,18 @@ X = jnp.asarray(_rng.standard_normal((B, T, D)), jnp.float32)
 COT = jnp.asarray(_rng.standard_normal((B, T, D)), jnp.float32)
 
 
-def test_current_follows_platform(monkeypatch):
-    assert backends.current() is cpu  # the tests run on CPU
+def test_ops_follow_compute_and_platform(monkeypatch):
+    assert backends.ops("efficient") is backends.OPS["efficient", "cpu"]  # the tests run on CPU
+    assert backends.ops("efficient", "tpu") is backends.OPS["efficient", "portable"]
+    assert backends.ops("native").select_topk is cpu.select_topk
     monkeypatch.setattr(backends, "platform", lambda: "tpu")
-    assert backends.current() is portable
+    model = PEER(D, rngs=nnx.Rngs(0), num_experts=N, heads=H, top_k=K, d_key=DK, compute="naive")
+    assert model.ops is model.router.ops is backends.OPS["naive", "portable"]
+    assert model.ops.project is portable.project and model.ops.kernels is None
+    with pytest.raises(ValueError, match="PKM compute='native' runs on CPU only.*compute='efficient'"):
+        PKM(D, rngs=nnx.Rngs(0), num_experts=N, heads=H, top_k=K, d_key=DK, compute="native")
     with backends.use("cpu"):
-        assert backends.current() is cpu
+        assert backends.ops("efficient") is backends.OPS["efficient", "cpu"]
     with pytest.raises(ValueError, match="backend 'gpu' is unknown"):
         with backends.use("gpu"):
             pass
@@ -39,21 +45,21 @@ def test_scatter_zeros_are_zeros():
 
 @pytest.mark.parametrize("layer", [PEER, PKM])
 def test_layer_on_cpu_backend_equals_portable(layer):
-    """The whole layer (efficient compute, training mode) traced with each backend: outputs and
+    """The whole layer (efficient compute, training mode) built with each backend: outputs and
     every gradient agree."""
-    model = layer(D, rngs=nnx.Rngs(0), num_experts=N, heads=H, top_k=K, d_key=DK)
-    gdef, state = nnx.split(model)
 
-    def step(state, x):
+    def step(model, x):
         def loss(m, x):
             return jnp.sum(m(x, train=True) * COT)
 
-        return nnx.value_and_grad(loss, argnums=(0, 1))(nnx.merge(gdef, state), x)
+        return nnx.value_and_grad(loss, argnums=(0, 1))(model, x)
 
     results = {}
     for name in ("cpu", "portable"):
         with backends.use(name):
-            results[name] = jax.jit(step)(state, X)
+            model = layer(D, rngs=nnx.Rngs(0), num_experts=N, heads=H, top_k=K, d_key=DK)
+        assert model.ops is backends.OPS["efficient", name]
+        results[name] = nnx.jit(step)(model, X)
     la, lb = jax.tree.leaves(results["cpu"]), jax.tree.leaves(results["portable"])
     assert len(la) == len(lb) and la
     for a, b in zip(la, lb):

@@ -153,13 +153,13 @@ def test_native_off_cpu_is_a_start_up_config_error(monkeypatch):
 
 def test_row_grouping_is_computed_once_per_custom_vjp_call():
     """expert_dot's forward and both backward kernels share one group_by_row (not three sorts)."""
-    from peer_jax.layers import expert_compute as ec
+    from peer_jax import backends
 
     x, table, idx, w = _case(4)
-    f32 = np.dtype(np.float32)
+    ops = backends.ops("native")
 
     def loss(x, table):
-        return jnp.sum(ec.expert_dot(x, table, idx, f32, 1, True) * w)
+        return jnp.sum(ops.gather_dot(x, table, idx, dtype=jnp.float32, block=1) * w)
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, table))
     assert jaxpr.count("peer_jax_group_by_row") == 1, jaxpr

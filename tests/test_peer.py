@@ -163,11 +163,17 @@ def test_optimised_paths_match_naive(naive_and_efficient, compute):
     assert_trees_close(eff, naive)
 
 
-@pytest.mark.parametrize("block,native", [(1, False), (5, False), (12, False), (1, True)],
-                         ids=["xla-block1", "xla-block5", "xla-block12", "native"])
-def test_primitives_match_naive(block, native):
-    """expert_dot / embedding_bag vs plain autodiff, with repeated indices and ragged blocks;
-    `native`: the same custom_vjp with the C++ kernels of peer_jax.native as its loops."""
+@pytest.mark.parametrize("block,ops", [(1, ("efficient", "portable")), (5, ("efficient", "portable")),
+                                       (12, ("efficient", "portable")), (1, ("efficient", "cpu")),
+                                       (1, ("native", "cpu"))],
+                         ids=["xla-block1", "xla-block5", "xla-block12", "xla-cpu", "native"])
+def test_primitives_match_naive(block, ops):
+    """The custom-VJP gather_dot / embedding_bag of each backend's ops vs plain autodiff, with
+    repeated indices and ragged blocks; `native`: the same custom_vjp with the C++ kernels of
+    peer_jax.native as its loops."""
+    from peer_jax import backends
+
+    ops = backends.OPS[ops]
     rng = np.random.default_rng(block)
     m, s, n_rows, d = 7, 12, 5, 6  # 5 rows for 84 slots: many duplicate indices
     x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
@@ -179,15 +185,16 @@ def test_primitives_match_naive(block, native):
     f32 = np.dtype(np.float32)
 
     def loss(x, table, w):
-        return (jnp.sum(ec.expert_dot(x, table, idx, f32, blk, native) * w)
-                + jnp.sum(ec.embedding_bag(table, idx, w, f32, blk, native) * x))
+        return (jnp.sum(ops.gather_dot(x, table, idx, dtype=f32, block=blk) * w)
+                + jnp.sum(ops.embedding_bag(table, idx, w, dtype=f32, block=blk) * x))
 
     def loss_naive(x, table, w):
         return jnp.sum(ec.expert_dot_naive(x, table, idx) * w) + jnp.sum(ec.embedding_bag_naive(table, idx, w) * x)
 
     eff, naive = jax.jit(
         lambda: [
-            (ec.expert_dot(x, table, idx, f32, blk, native), ec.embedding_bag(table, idx, w, f32, blk, native),
+            (ops.gather_dot(x, table, idx, dtype=f32, block=blk),
+             ops.embedding_bag(table, idx, w, dtype=f32, block=blk),
              jax.grad(loss, argnums=(0, 1, 2))(x, table, w)),
             (ec.expert_dot_naive(x, table, idx), ec.embedding_bag_naive(table, idx, w),
              jax.grad(loss_naive, argnums=(0, 1, 2))(x, table, w)),
@@ -211,18 +218,18 @@ def test_project_vjp_matches_autodiff(transposed_grad):
     einsum) == x @ w, in both forms of the kernel gradient."""
     from peer_jax.backends import cpu, portable
 
+    cpu_project = cpu.project_transposed_grad if transposed_grad else cpu.project
+
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
     ct = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
 
     def value_and_grads(project):
-        return (project(x, w, transposed_grad=transposed_grad),
-                jax.grad(lambda x, w: jnp.sum(project(x, w, transposed_grad=transposed_grad) * ct),
-                         argnums=(0, 1))(x, w))
+        return project(x, w), jax.grad(lambda x, w: jnp.sum(project(x, w) * ct), argnums=(0, 1))(x, w)
 
     got, want, plain = jax.jit(lambda: (
-        value_and_grads(cpu.project), value_and_grads(portable.project),
+        value_and_grads(cpu_project), value_and_grads(portable.project),
         (x @ w, jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)),
     ))()
     assert_trees_close(got, want)

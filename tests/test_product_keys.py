@@ -195,22 +195,23 @@ F32_CASES = [c for c in CASES if c[4] == jnp.float32]
 
 @pytest.mark.parametrize("n,top_k,heads,d_key,dtype,per_head", F32_CASES)
 def test_native_equals_xla_path_values_and_gradients(n, top_k, heads, d_key, dtype, per_head):
-    """native=True (C++ selection, sparse custom VJP) == the XLA path: identical scores and
-    items, and gradients wrt queries and sub-keys (shared and per-head keys)."""
+    """The CPU backend's native selection (C++ kernel, sparse custom VJP) == the jnp path:
+    identical scores and items, and gradients wrt queries and sub-keys (shared and per-head keys)."""
     from peer_jax import native
+    from peer_jax.backends import cpu
 
     if not native.available():
         pytest.skip("no C++ compiler: compute='native' unavailable")
     q, keys = _inputs(n * 100 + top_k + 7, (3, 5), heads, n, d_key, dtype, per_head)
     w = jnp.asarray(np.random.default_rng(n).standard_normal((3, 5, heads, top_k)), jnp.float32)
 
-    def run(nat):
+    def run(select):
         def loss(q, k):
-            return jnp.sum(w * product_key_topk(q, k, top_k, native=nat)[0])
+            return jnp.sum(w * select(q, k, top_k)[0])
 
-        return product_key_topk(q, keys, top_k, native=nat), jax.grad(loss, argnums=(0, 1))(q, keys)
+        return select(q, keys, top_k), jax.grad(loss, argnums=(0, 1))(q, keys)
 
-    (ref, ref_g), (got, got_g) = jax.jit(lambda: (run(False), run(True)))()
+    (ref, ref_g), (got, got_g) = jax.jit(lambda: (run(product_key_topk), run(cpu.select_topk)))()
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
     _check_against_brute_force(q, keys, top_k, *got, rtol=1e-5, atol=1e-5)
@@ -222,14 +223,15 @@ def test_native_ties_follow_lax_top_k():
     """Integer-valued scores (massive ties): the C++ selection returns exactly lax.top_k's
     order (lower position first among equals), chunked or not."""
     from peer_jax import native
+    from peer_jax.backends import cpu
 
     if not native.available():
         pytest.skip("no C++ compiler: compute='native' unavailable")
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.integers(-1, 2, (2, 6, 2, 4)), jnp.float32)
     keys = jnp.asarray(rng.integers(-1, 2, (2, 8, 2)), jnp.float32)
-    ref, got, got_chunked = jax.jit(lambda: (product_key_topk(q, keys, 6), product_key_topk(q, keys, 6, native=True),
-                                             product_key_topk(q, keys, 6, native=True, chunk_tokens=4)))()
+    ref, got, got_chunked = jax.jit(lambda: (product_key_topk(q, keys, 6), cpu.select_topk(q, keys, 6),
+                                             cpu.select_topk(q, keys, 6, chunk_tokens=4)))()
     for g in (got, got_chunked):
         np.testing.assert_array_equal(g[0], ref[0])
         np.testing.assert_array_equal(g[1], ref[1])

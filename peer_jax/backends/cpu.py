@@ -3,7 +3,8 @@ C++ kernels (``peer_jax.native``) behind ``compute="native"``.
 
 Everything here computes what ``backends/portable.py`` or the plain-jnp loops of
 ``layers/expert_compute.py`` and ``layers/product_keys.py`` compute (tests compare them); only
-the form differs, chosen for how XLA:CPU lowers it. Measured effects are in docs/peer_speed.md
+the form differs, chosen for how XLA:CPU lowers it. ``backends.ops`` says which form each
+compute mode runs. Measured effects are in docs/peer_speed.md
 ("Where the CPU backend's choices come from").
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peer_jax import native as native_kernels
+from peer_jax.layers import expert_compute as ec
 from peer_jax.layers import product_keys as pk
 from peer_jax.sharding import vary_like
 
@@ -27,7 +29,7 @@ def _project(x: jax.Array, kernel: jax.Array, transposed_grad: bool) -> jax.Arra
     return jnp.einsum("...d,dk->...k", x, kernel, preferred_element_type=jnp.float32)
 
 
-def project(x: jax.Array, kernel: jax.Array, *, transposed_grad: bool = False) -> jax.Array:
+def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel`` (contracting x's last axis, float32 result) with a custom VJP that fixes
     only the *form* of the kernel gradient; values equal ``portable.project``'s.
 
@@ -35,15 +37,19 @@ def project(x: jax.Array, kernel: jax.Array, *, transposed_grad: bool = False) -
     materialising ``gᵀ`` fused into the query-BatchNorm backward: a strided
     ``[tokens, h·d_key]`` transpose that costs more than the projection's matmuls. The custom
     VJP writes ``dW = Σ_t x[t]ᵀ g[t]`` as one ``einsum('td,tk->dk')`` instead.
-
-    ``transposed_grad`` (what ``compute="native"`` uses): compute the kernel gradient as
-    ``xᵀ @ g`` with ``xᵀ`` materialised behind an optimization barrier. XLA:CPU hands a dot
-    that contracts the leading axes to Eigen, which is slower than the XNNPACK-fused dot on the
-    transposed copy. The sums then run in another order, so the other compute modes keep the
-    einsum and their committed results stay bit-for-bit reproducible. ``lax.platform_dependent``
-    keeps the einsum wherever this is compiled for another platform.
     """
-    return _project(x, kernel, transposed_grad)
+    return _project(x, kernel, False)
+
+
+def project_transposed_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``project`` with the kernel gradient computed as ``xᵀ @ g``, ``xᵀ`` materialised behind an
+    optimization barrier (what ``compute="native"`` uses). XLA:CPU hands a dot that contracts
+    the leading axes to Eigen, which is slower than the XNNPACK-fused dot on the transposed
+    copy. The sums then run in another order, so the other compute modes keep ``project``'s
+    einsum and their committed results stay bit-for-bit reproducible.
+    ``lax.platform_dependent`` keeps the einsum wherever this is compiled for another platform.
+    """
+    return _project(x, kernel, True)
 
 
 def _project_fwd(x, kernel, transposed_grad):
@@ -84,10 +90,20 @@ def scatter_zeros(shape, dtype, tag: jax.Array) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
+def xla_scatter_outer(idx, w, y, num_rows, out_dtype, block, groups=None):
+    """``expert_compute.scatter_loop`` into ``scatter_zeros``."""
+    del groups
+    return ec.scatter_loop(idx, w, y, num_rows, out_dtype, block, zeros=scatter_zeros)
+
+
+# The XLA loops under the custom VJPs of compute="efficient" on CPU.
+XLA_KERNELS = ec.Kernels(dot=ec.dot_loop, bag=ec.bag_loop, scatter=xla_scatter_outer)
+
+
 # ----------------------------------------------------------------------------- native kernels
-# The three gather/scatter loops of layers/expert_compute.py as C++ kernels (CPU, float32).
-# `groups` is group_by_row(idx, N), computed once per custom VJP and shared by its kernels
-# (None: the kernel call computes it).
+# The three gather/scatter loops of layers/expert_compute.py as C++ kernels (CPU, float32; the
+# compute dtype and slot block of the XLA loops do not apply). `groups` is group_by_row(idx, N),
+# computed once per custom VJP and shared by its kernels (None: the kernel call computes it).
 
 
 def check_native(owner: str, dtype, param_dtype) -> None:
@@ -102,28 +118,44 @@ def group_by_row(idx: jax.Array, num_rows: int):
     return native_kernels.group_by_row(idx, num_rows)
 
 
-def gather_dot(x, table, idx, groups=None):
+def gather_dot(x, table, idx, dtype, block, groups=None):
+    del dtype, block
     return vary_like(native_kernels.gather_dot(x, table, idx, groups), x, table, idx)
 
 
-def embedding_bag(table, idx, w, groups=None):
+def embedding_bag(table, idx, w, dtype, block, groups=None):
+    del dtype, block
     return vary_like(native_kernels.embedding_bag(table, idx, w, groups), table, idx, w)
 
 
-def scatter_outer(idx, w, y, num_rows, out_dtype, groups=None):
+def scatter_outer(idx, w, y, num_rows, out_dtype, block, groups=None):
+    del block
     return vary_like(native_kernels.scatter_outer(idx, w, y, num_rows, groups), idx, w, y).astype(out_dtype)
+
+
+NATIVE_KERNELS = ec.Kernels(dot=gather_dot, bag=embedding_bag, scatter=scatter_outer, group_by_row=group_by_row)
 
 
 # ----------------------------------------------------------------------------- product-key selection
 
 
+def select_topk(queries: jax.Array, sub_keys: jax.Array, top_k: int, *, approx: bool = False,
+                recall_target: float = 0.95, chunk_tokens: int | None = None):
+    """``product_keys.product_key_topk`` with the selection as one C++ kernel (``native_topk``).
+    Always exact: ``approx`` and ``recall_target`` do not apply."""
+    del approx, recall_target
+    pk.check_shapes(queries, sub_keys, top_k)
+    return pk.by_chunks(lambda q: native_topk(q, sub_keys, top_k), queries, chunk_tokens)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def product_key_topk(queries: jax.Array, sub_keys: jax.Array, top_k: int):
-    """``product_keys.product_key_topk`` with the selection as one C++ kernel (the two half
-    top-k's, the candidates and the final top-k in one multithreaded pass; same results, ties
-    included) and a sparse backward pass: the scores' cotangent reaches the queries and
-    sub-keys only through the 2·top_k selected sub-key rows per query (an embedding bag and a
-    scatter), not through dense ``[tokens, heads, n]`` score gradients. Float32 queries."""
+def native_topk(queries: jax.Array, sub_keys: jax.Array, top_k: int):
+    """The product-key top-k with the selection as one C++ kernel (the two half top-k's, the
+    candidates and the final top-k in one multithreaded pass; the results of
+    ``product_keys.product_key_topk``, ties included) and a sparse backward pass: the scores'
+    cotangent reaches the queries and sub-keys only through the 2·top_k selected sub-key rows
+    per query (an embedding bag and a scatter), not through dense ``[tokens, heads, n]`` score
+    gradients. Float32 queries."""
     return _select_fwd(queries, sub_keys, top_k)[0]
 
 
@@ -165,4 +197,4 @@ def _select_bwd(top_k, res, ct):
     return dq, dkeys.astype(sub_keys.dtype)
 
 
-product_key_topk.defvjp(_select_fwd, _select_bwd)
+native_topk.defvjp(_select_fwd, _select_bwd)

@@ -32,6 +32,8 @@ import grain
 import numpy as np
 import seqio
 
+from peer_jax import cli
+
 
 def data_source(tfds_name: str, split: str):
     """The random-access TFDS source of `tfds_name` (from $TFDS_DATA_DIR); a clear error if absent."""
@@ -43,7 +45,7 @@ def data_source(tfds_name: str, split: str):
     except Exception as e:  # noqa: BLE001 - tfds raises many types for a missing or TFRecord dataset
         raise FileNotFoundError(
             f"the streamed corpus {tfds_name!r} (split {split!r}) has no ArrayRecord copy in TFDS_DATA_DIR="
-            f"{data_dir or '(tfds default)'} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
+            f"{data_dir or '(tfds default)'} ({cli.first_line(e)}). "
             f"Prepare it with `tfds build {tfds_name} --file_format=array_record` (or `tfds convert_format "
             "--out_file_format=array_record` of a TFRecord copy) and set TFDS_DATA_DIR.") from e
 

@@ -21,11 +21,12 @@ supported (the backward loops are not themselves differentiable by design).
 
 The ``*_naive`` functions are the plain-autodiff references that tests compare against.
 
-``native=True`` (``compute="native"`` in PEER/PKM) runs the three loops as the C++ kernels of the
-CPU backend (``peer_jax/backends/cpu.py`` over ``peer_jax.native``; CPU, float32;
-expert-centric: the table is walked row by row and every (token, slot) pair routed to a row is
-handled there), under the same custom VJPs. The zero accumulator of the scatter loop comes from
-``backends.current()`` (a CSE-proof zero on CPU, ``jnp.zeros`` elsewhere).
+The loops themselves come in a backend's form (``Kernels``, a non-differentiable argument of the
+two custom VJPs): the XLA loops below (``backends/portable.py``; ``backends/cpu.py`` pairs them
+with a zero accumulator XLA:CPU cannot merge), or the C++ kernels of ``peer_jax.native``
+(``compute="native"``: CPU, float32; expert-centric: the table is walked row by row and every
+(token, slot) pair routed to a row is handled there). A layer reaches these functions through
+its ``backends.ops(...)``; this module imports no backend.
 
 Dtypes: rows are gathered from the table in its (parameter) dtype and cast to the compute
 ``dtype`` per block, never the whole table — casting a 1M×1024 table to bf16 on every call
@@ -37,15 +38,13 @@ varying-manual-axes type of their inputs (``sharding.vary_like``), so the scan t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from peer_jax import backends
-from peer_jax.backends import cpu as cpu_backend
-from peer_jax.layers import activations
 from peer_jax.sharding import vary_like
 
 DTypeLike = jnp.dtype | type | str
@@ -82,10 +81,12 @@ def gather_rows(table: jax.Array, idx: jax.Array, dtype: DTypeLike) -> jax.Array
 
 # ----------------------------------------------------------------------------- loops
 # Non-differentiable building blocks; the custom_vjp functions below define the derivatives.
+# `groups` (the row grouping of native kernels) is unused by these XLA forms.
 
 
-def _dot_loop(x: jax.Array, table: jax.Array, idx: jax.Array, dtype, block: int) -> jax.Array:
+def dot_loop(x: jax.Array, table: jax.Array, idx: jax.Array, dtype, block: int, groups=None) -> jax.Array:
     """float32 ``[M, S]``: ``⟨x[m], table[idx[m, s]]⟩``, ``block`` slots at a time."""
+    del groups
     xc = x.astype(dtype)
 
     def body(_, idx_b):
@@ -96,8 +97,9 @@ def _dot_loop(x: jax.Array, table: jax.Array, idx: jax.Array, dtype, block: int)
     return _unblocked(out)
 
 
-def _bag_loop(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int) -> jax.Array:
+def bag_loop(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int, groups=None) -> jax.Array:
     """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``, ``block`` slots at a time."""
+    del groups
     m, d = idx.shape[0], table.shape[-1]
 
     def body(acc, xs):
@@ -112,10 +114,10 @@ def _bag_loop(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int)
     return acc
 
 
-def _scatter_loop(
-    idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int, out_dtype, block: int
-) -> jax.Array:
-    """``[num_rows, d]`` in ``out_dtype``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]`` by scatter-add."""
+def scatter_loop(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int, out_dtype, block: int, *,
+                 zeros: Callable) -> jax.Array:
+    """``[num_rows, d]`` in ``out_dtype``: ``Σ_{idx[m,s]=n} w[m, s] · y[m]`` by scatter-add into
+    ``zeros(shape, dtype, tag)`` (the backend's zero accumulator; ``tag`` is ``w``)."""
     yf = y.astype(jnp.float32)
 
     def body(acc, xs):
@@ -124,63 +126,55 @@ def _scatter_loop(
         acc = acc.at[idx_b].add(upd, mode="promise_in_bounds", wrap_negative_indices=False)
         return acc, None
 
-    init = vary_like(backends.current().scatter_zeros((num_rows, y.shape[-1]), out_dtype, w), idx, w, y)
+    init = vary_like(zeros((num_rows, y.shape[-1]), out_dtype, w), idx, w, y)
     acc, _ = jax.lax.scan(body, init, (_blocked(idx, block), _blocked(w, block)))
     return acc
 
 
-# native=True (compute="native") runs the loops as the CPU backend's C++ kernels. `groups` is then
-# the backend's group_by_row(idx, N): computed once in each custom VJP's forward and reused by its
-# backward kernels (None: the kernel call computes it).
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One backend's form of the three loops under ``expert_dot`` and ``embedding_bag``.
 
+    ``dot(x, table, idx, dtype, block, groups)``, ``bag(table, idx, w, dtype, block, groups)`` and
+    ``scatter(idx, w, y, num_rows, out_dtype, block, groups)`` compute what ``dot_loop``,
+    ``bag_loop`` and ``scatter_loop`` compute. ``group_by_row(idx, num_rows)``, if set, is
+    computed once in each custom VJP's forward pass and handed to all three (the native kernels'
+    row grouping); otherwise ``groups`` is None. Frozen and built from module-level functions,
+    so it is hashable: a static argument of the custom VJPs.
+    """
 
-def _dot(x, table, idx, dtype, block, native, groups=None):
-    if native:
-        return cpu_backend.gather_dot(x, table, idx, groups)
-    return _dot_loop(x, table, idx, dtype, block)
+    dot: Callable
+    bag: Callable
+    scatter: Callable
+    group_by_row: Callable | None = None
 
-
-def _bag(table, idx, w, dtype, block, native, groups=None):
-    if native:
-        return cpu_backend.embedding_bag(table, idx, w, groups)
-    return _bag_loop(table, idx, w, dtype, block)
-
-
-def _scatter(idx, w, y, num_rows, out_dtype, block, native, groups=None):
-    if native:
-        return cpu_backend.scatter_outer(idx, w, y, num_rows, out_dtype, groups)
-    return _scatter_loop(idx, w, y, num_rows, out_dtype, block)
-
-
-def _groups(idx, num_rows, native):
-    return cpu_backend.group_by_row(idx, num_rows) if native else None
+    def groups(self, idx: jax.Array, num_rows: int):
+        return None if self.group_by_row is None else self.group_by_row(idx, num_rows)
 
 
 # ----------------------------------------------------------------------------- custom_vjp ops
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype=jnp.float32, block: int = 8,
-               native: bool = False):
+def expert_dot(x: jax.Array, table: jax.Array, idx: jax.Array, dtype, block: int, kernels: Kernels):
     """float32 ``[M, S]`` of ``⟨x[m], table[idx[m, s]]⟩`` without keeping gathered rows.
 
     ``x: [M, d]``, ``table: [N, d]``, ``idx: [M, S]`` int32. ``dtype`` is the compute dtype of
-    the products (accumulation is float32); ``block`` slots are gathered per loop step (it must
-    divide S; see ``slot_block``). ``native``: run the three loops as the CPU backend's C++
-    kernels (float32) instead of XLA gathers and scatters.
+    the products (a ``np.dtype``; accumulation is float32); ``block`` slots are gathered per loop
+    step (it must divide S; see ``slot_block``); ``kernels``: the loops' form (``Kernels``).
     """
-    return _dot(x, table, idx, dtype, block, native)
+    return kernels.dot(x, table, idx, dtype, block, None)
 
 
-def _expert_dot_fwd(x, table, idx, dtype, block, native):
-    groups = _groups(idx, table.shape[0], native)
-    return _dot(x, table, idx, dtype, block, native, groups), (x, table, idx, groups)
+def _expert_dot_fwd(x, table, idx, dtype, block, kernels):
+    groups = kernels.groups(idx, table.shape[0])
+    return kernels.dot(x, table, idx, dtype, block, groups), (x, table, idx, groups)
 
 
-def _expert_dot_bwd(dtype, block, native, res, ct):
+def _expert_dot_bwd(dtype, block, kernels, res, ct):
     x, table, idx, groups = res
-    dx = _bag(table, idx, ct, dtype, block, native, groups).astype(x.dtype)
-    dtable = _scatter(idx, ct, x, table.shape[0], table.dtype, block, native, groups)
+    dx = kernels.bag(table, idx, ct, dtype, block, groups).astype(x.dtype)
+    dtable = kernels.scatter(idx, ct, x, table.shape[0], table.dtype, block, groups)
     return dx, dtable, None
 
 
@@ -188,25 +182,25 @@ expert_dot.defvjp(_expert_dot_fwd, _expert_dot_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jnp.float32, block: int = 8,
-                  native: bool = False):
+def embedding_bag(table: jax.Array, idx: jax.Array, w: jax.Array, dtype, block: int, kernels: Kernels):
     """float32 ``[M, d]`` weighted sum of gathered rows, ``Σ_s w[m, s] · table[idx[m, s]]``.
 
     The generic "embedding bag" (PKM's value read-out, PEER's down projection) with a backward
-    pass that recomputes gathers and scatter-adds into the table gradient.
+    pass that recomputes gathers and scatter-adds into the table gradient (arguments as in
+    ``expert_dot``).
     """
-    return _bag(table, idx, w, dtype, block, native)
+    return kernels.bag(table, idx, w, dtype, block, None)
 
 
-def _embedding_bag_fwd(table, idx, w, dtype, block, native):
-    groups = _groups(idx, table.shape[0], native)
-    return _bag(table, idx, w, dtype, block, native, groups), (table, idx, w, groups)
+def _embedding_bag_fwd(table, idx, w, dtype, block, kernels):
+    groups = kernels.groups(idx, table.shape[0])
+    return kernels.bag(table, idx, w, dtype, block, groups), (table, idx, w, groups)
 
 
-def _embedding_bag_bwd(dtype, block, native, res, ct):
+def _embedding_bag_bwd(dtype, block, kernels, res, ct):
     table, idx, w, groups = res
-    dtable = _scatter(idx, w, ct, table.shape[0], table.dtype, block, native, groups)
-    dw = _dot(ct, table, idx, dtype, block, native, groups).astype(w.dtype)
+    dtable = kernels.scatter(idx, w, ct, table.shape[0], table.dtype, block, groups)
+    dw = kernels.dot(ct, table, idx, dtype, block, groups).astype(w.dtype)
     return dtable, None, dw
 
 
@@ -223,52 +217,3 @@ def embedding_bag_naive(table: jax.Array, idx: jax.Array, w: jax.Array, dtype=jn
     """Reference for ``embedding_bag``: materialises ``table[idx]`` (kept by autodiff)."""
     rows = gather_rows(table, idx, dtype)
     return jnp.einsum("ms,msd->md", w.astype(dtype), rows, preferred_element_type=jnp.float32)
-
-
-# ----------------------------------------------------------------------------- PEER experts
-
-COMPUTE_MODES = ("naive", "efficient", "native")
-
-
-def check_compute(owner: str, compute: str, dtype, param_dtype) -> None:
-    """Start-up validation of a layer's ``compute`` setting (names the setting and the fix)."""
-    if compute not in COMPUTE_MODES:
-        raise ValueError(f"{owner} compute={compute!r} is unknown; use one of {list(COMPUTE_MODES)}.")
-    if compute == "native":
-        cpu_backend.check_native(owner, dtype, param_dtype)
-
-
-def expert_pre_activations(x, u, idx, *, compute: str, dtype, block: int = 8) -> jax.Array:
-    """float32 ``[M, S]`` pre-activations ``u_iᵀx`` of the retrieved experts."""
-    if compute == "naive":
-        return expert_dot_naive(x, u, idx, dtype)
-    return expert_dot(x, u, idx, np.dtype(dtype), block, compute == "native")
-
-
-def expert_outputs(v, idx, coef, *, compute: str, dtype, block: int = 8) -> jax.Array:
-    """float32 ``[M, d]`` = ``Σ_s coef[m, s] · v[idx[m, s]]``."""
-    if compute == "naive":
-        return embedding_bag_naive(v, idx, coef, dtype)
-    return embedding_bag(v, idx, coef, np.dtype(dtype), block, compute == "native")
-
-
-def peer_experts(
-    x: jax.Array,
-    u: jax.Array,
-    v: jax.Array,
-    idx: jax.Array,
-    scores: jax.Array,
-    *,
-    activation: str = "gelu",
-    compute: str = "efficient",
-    dtype=jnp.float32,
-    block: int = 8,
-) -> jax.Array:
-    """``out[m] = Σ_s scores[m, s] · σ(u_{idx[m,s]}ᵀ x[m]) · v_{idx[m,s]}`` in float32 ``[M, d]``.
-
-    ``x: [M, d]``, ``u, v: [N, d]``, ``idx, scores: [M, S]`` with S = heads·top_k slots. This is
-    the single-device form; the sharded layer splits it around the pre-activation all-reduce.
-    """
-    a = expert_pre_activations(x, u, idx, compute=compute, dtype=dtype, block=block)
-    coef = scores.astype(jnp.float32) * activations.elementwise(activation)(a)
-    return expert_outputs(v, idx, coef, compute=compute, dtype=dtype, block=block)

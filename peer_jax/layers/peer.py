@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peer_jax import backends
 from peer_jax import sharding as shd
 from peer_jax.layers import activations
 from peer_jax.layers import expert_compute as ec
@@ -48,6 +49,7 @@ class PEER(nnx.Module):
         backend's multithreaded C++ kernels, ``peer_jax/backends/cpu.py``; exact, so
         ``approx_topk`` is ignored; CPU and float32 only, built with g++ on first use), or
         'naive' (gathers ``[tokens, h, k, d]`` twice and keeps them for backward; the reference).
+        ``backends.ops`` (``peer_jax/backends/__init__.py``) tabulates the forms each one runs.
       sharded_lookup: run the lookup as the explicit shard_map of ``layers/expert_tables.py`` when
         the rules split the table columns over mesh axes of size > 1 (d-split or memory-parallel).
       grad_reduce_dtype: dtype in which the table gradients are summed over table replicas (e.g.
@@ -96,12 +98,13 @@ class PEER(nnx.Module):
         if activation not in activations.names(gated=False):
             raise ValueError(f"PEER activation={activation!r} is unknown; use one of "
                              f"{sorted(activations.names(gated=False))}.")
-        ec.check_compute("PEER", compute, dtype, param_dtype)
+        ops = backends.ops(compute, owner="PEER", dtype=dtype, param_dtype=param_dtype)
         if slot_block < 1:
             raise ValueError(f"PEER slot_block={slot_block} must be ≥ 1.")
 
         self.d_model, self.num_experts = d_model, num_experts
         self.activation, self.compute, self.sharded_lookup = activation, compute, sharded_lookup
+        self.ops = ops
         self.lookup = tables.TableLookup("PEER", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -114,7 +117,7 @@ class PEER(nnx.Module):
         self.router = ProductKeyRouter(
             d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key,
             query_batchnorm=query_batchnorm, score_fn=score_fn, per_head_keys=per_head_keys,
-            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, native=compute == "native",
+            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, ops=ops,
             bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, key_init=key_init, dtype=dtype,
             param_dtype=param_dtype, owner="PEER",
         )
@@ -133,10 +136,9 @@ class PEER(nnx.Module):
         """``Σ_s g_s · σ(u_sᵀx) · v_s`` on one column slice of the tables (``TableLookup``);
         ``reduce`` completes ``u_sᵀx`` over the slices."""
         u, v = tabs
-        kw = dict(compute=self.compute, dtype=self.dtype, block=self.slot_block)
-        a = reduce(ec.expert_pre_activations(x, u, idx, **kw))  # [tokens, h·k]: u_iᵀx
+        a = reduce(self.ops.gather_dot(x, u, idx, dtype=self.dtype, block=self.slot_block))  # [tokens, h·k]: u_iᵀx
         coef = g.astype(jnp.float32) * activations.elementwise(self.activation)(a)
-        return ec.expert_outputs(v, idx, coef, **kw)
+        return self.ops.embedding_bag(v, idx, coef, dtype=self.dtype, block=self.slot_block)
 
     # ------------------------------------------------------------------ call
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peer_jax import backends
 from peer_jax import sharding as shd
 from peer_jax.layers import expert_compute as ec
 from peer_jax.layers import expert_tables as tables
@@ -60,12 +61,12 @@ class PKM(nnx.Module):
     ):
         check_config("PKM", num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
                      route_chunk_tokens=route_chunk_tokens)
-        ec.check_compute("PKM", compute, dtype, param_dtype)
+        ops = backends.ops(compute, owner="PKM", dtype=dtype, param_dtype=param_dtype)
         if slot_block < 1:
             raise ValueError(f"PKM slot_block={slot_block} must be ≥ 1.")
 
         self.d_model, self.num_experts = d_model, num_experts
-        self.compute, self.sharded_lookup = compute, sharded_lookup
+        self.compute, self.sharded_lookup, self.ops = compute, sharded_lookup, ops
         self.lookup = tables.TableLookup("PKM", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -76,7 +77,7 @@ class PKM(nnx.Module):
         self.router = ProductKeyRouter(
             d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key,
             query_batchnorm=query_batchnorm, score_fn=score_fn, per_head_keys=per_head_keys,
-            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, native=compute == "native",
+            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, ops=ops,
             bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, key_init=key_init, dtype=dtype,
             param_dtype=param_dtype, owner="PKM",
         )
@@ -94,8 +95,7 @@ class PKM(nnx.Module):
         the slices, so ``x`` and ``reduce`` are unused."""
         del x, reduce
         (values,) = tabs
-        return ec.expert_outputs(values, idx, g.astype(jnp.float32), compute=self.compute, dtype=self.dtype,
-                                 block=self.slot_block)
+        return self.ops.embedding_bag(values, idx, g.astype(jnp.float32), dtype=self.dtype, block=self.slot_block)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
         """``[B, T, d_model] -> [B, T, d_model]`` in ``x.dtype`` (``mask`` as in PEER)."""

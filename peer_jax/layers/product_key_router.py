@@ -4,7 +4,8 @@ product-key top-k and router scores. Each layer *holds* one and adds its own val
 For an input ``x: [B, T, d]`` the router returns, per token and head, the ``top_k`` retrieved
 items ``idx`` among ``N = n²`` and their weights ``g`` (softmax over the head's top-k, or a
 sigmoid per item): ``q = BN(x W_q)`` split into ``heads`` queries of ``d_key``, then the exact
-top-k of ``layers/product_keys.py`` against the sub-keys.
+top-k of ``layers/product_keys.py`` against the sub-keys. The projection and the top-k run in
+the forms of the layer's ``backends.ops`` (handed to the router by the layer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from flax import nnx
 
 from peer_jax import backends
 from peer_jax import sharding as shd
-from peer_jax.layers.product_keys import product_key_topk
 
 SCORE_FNS = ("softmax", "sigmoid")
 
@@ -66,7 +66,7 @@ class ProductKeyRouter(nnx.Module):
       d_model, rngs, num_experts, heads, top_k, d_key, query_batchnorm, score_fn,
       per_head_keys, approx_topk, route_chunk_tokens, bn_momentum, bn_epsilon, key_init,
       dtype, param_dtype.
-      native: the C++ selection kernel of the CPU backend (``compute="native"`` of the layer).
+      ops: the layer's ``backends.ops(compute)``: the forms of the query projection and the top-k.
       owner: the layer's name in error messages.
 
     Parameters (``rngs.params`` keys drawn in this order): ``sub_keys`` ``[(heads,) 2, n,
@@ -88,7 +88,7 @@ class ProductKeyRouter(nnx.Module):
         per_head_keys: bool = False,
         approx_topk: bool = False,
         route_chunk_tokens: int | None = 512,
-        native: bool = False,
+        ops: backends.Ops,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-5,
         key_init=None,
@@ -101,7 +101,7 @@ class ProductKeyRouter(nnx.Module):
         self.d_model, self.num_experts, self.n_sub = d_model, num_experts, n
         self.heads, self.top_k, self.d_key = heads, top_k, d_key
         self.score_fn, self.per_head_keys, self.approx_topk = score_fn, per_head_keys, approx_topk
-        self.route_chunk_tokens, self.native = route_chunk_tokens, native
+        self.route_chunk_tokens, self.ops = route_chunk_tokens, ops
         self.dtype = dtype
 
         key_shape = (2, n, d_key // 2)
@@ -128,8 +128,7 @@ class ProductKeyRouter(nnx.Module):
         sub-key scores and the top-k: in bf16 the rounding of q and of the sub-keys reorders
         near-tied candidates (tests/test_numerics.py measures how often)."""
         b, t, _ = x.shape
-        q = backends.current().project(x.astype(self.dtype), self.query[...].astype(self.dtype),
-                                       transposed_grad=self.native)
+        q = self.ops.project(x.astype(self.dtype), self.query[...].astype(self.dtype))
         if self.query_bn is not None:
             bn_mask = None
             if train and mask is not None:
@@ -144,8 +143,8 @@ class ProductKeyRouter(nnx.Module):
         q = self.queries(x, mask=mask, train=train)
         # The search runs over chunks of about route_chunk_tokens tokens *per device*.
         chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * shd.batch_shards()
-        scores, idx = product_key_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k, approx=self.approx_topk,
-                                       chunk_tokens=chunk, native=self.native)
+        scores, idx = self.ops.select_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k,
+                                           approx=self.approx_topk, chunk_tokens=chunk)
         g = jax.nn.softmax(scores, axis=-1) if self.score_fn == "softmax" else jax.nn.sigmoid(scores)
         return g, idx
 

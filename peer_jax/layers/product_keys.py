@@ -10,6 +10,9 @@ at a cost of O((n + k²)·d_key) instead of O(n²·d_key) per query.
 
 Scores are accumulated and returned in float32 whatever the query dtype: they feed a softmax and
 a discrete top-k, where bf16 rounding would create spurious ties.
+
+Plain jnp that imports nothing from ``peer_jax``: the backends (``peer_jax/backends``) build
+their forms of the selection on these helpers, and the layers reach it through the backends.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _check_shapes(queries: jax.Array, sub_keys: jax.Array, top_k: int) -> tuple[int, bool]:
+def check_shapes(queries: jax.Array, sub_keys: jax.Array, top_k: int) -> tuple[int, bool]:
     """Returns ``(n, per_head)`` after validating shapes; raises ValueError with the fix."""
     if queries.ndim < 2:
         raise ValueError(f"queries must be [..., heads, d_key]; got shape {queries.shape}.")
@@ -73,9 +76,9 @@ def product_key_topk(
     approx: bool = False,
     recall_target: float = 0.95,
     chunk_tokens: int | None = None,
-    native: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k of ``qᵀ[c_a ; c'_b]`` over all ``n²`` product keys.
+    """Exact top-k of ``qᵀ[c_a ; c'_b]`` over all ``n²`` product keys, in plain jnp (the
+    portable form of the selection; ``backends/cpu.py`` has a C++ one with the same results).
 
     Args:
       queries: ``[..., heads, d_key]``.
@@ -87,42 +90,44 @@ def product_key_topk(
         is lost. The final top-k over the k² candidates stays exact. On CPU/GPU XLA falls back
         to an exact sort, so this mainly matters on TPU.
       recall_target: recall target passed to ``approx_max_k``.
-      chunk_tokens: if set and ``queries`` has ≥ 3 dims, process about this many queries
-        (positions along axis -3 times the leading dims) per ``lax.map`` step. Same results; the
-        ``[tokens, heads, n]`` score arrays and their gradients then exist one chunk at a time
-        (cache-resident instead of ``4·heads·n`` floats per token of fresh memory, which made
-        the search faster on CPU). Axis -3 (sequence length) is never sharded, so the chunking
-        composes with batch sharding; ``chunk_tokens`` counts global tokens (PEER scales it by
-        the number of batch shards).
-      native: select with the C++ kernel of the CPU backend (``backends.cpu.product_key_topk``:
-        one multithreaded pass, same results, ties included, and a sparse backward pass). CPU,
-        float32 queries.
+      chunk_tokens: see ``by_chunks``.
 
     Returns:
       ``(scores, indices)``, each ``[..., heads, top_k]``: float32 scores sorted descending and
       int32 item indices ``a·n + b``.
     """
-    n, per_head = _check_shapes(queries, sub_keys, top_k)
+    n, per_head = check_shapes(queries, sub_keys, top_k)
+    return by_chunks(lambda q: _product_key_topk(q, sub_keys, top_k, n, per_head, approx, recall_target), queries,
+                     chunk_tokens)
+
+
+def by_chunks(select, queries: jax.Array, chunk_tokens: int | None):
+    """``select(queries)`` (a product-key selection, ``[..., heads, d_key] -> ([..., heads, k],
+    [..., heads, k])``), run over chunks of the queries when ``chunk_tokens`` is set.
+
+    With ``chunk_tokens`` set and ``queries`` of ≥ 3 dims, about this many queries (positions
+    along axis -3 times the leading dims) go through ``select`` per ``lax.map`` step. Same
+    results; the ``[tokens, heads, n]`` score arrays and their gradients then exist one chunk at
+    a time (cache-resident instead of ``4·heads·n`` floats per token of fresh memory). Axis -3
+    (sequence length) is never sharded, so the chunking composes with batch sharding;
+    ``chunk_tokens`` counts global tokens (the router scales it by the number of batch shards).
+    """
     if chunk_tokens is not None and queries.ndim >= 3:
         lead, t = queries.shape[:-3], queries.shape[-3]
         c = max(1, chunk_tokens // max(1, math.prod(lead)))  # positions per chunk
         if c < t:
-            return _chunked(queries, sub_keys, top_k, c, approx, recall_target, native)
-    if native:
-        from peer_jax.backends import cpu  # the CPU backend imports this module's helpers
-
-        return cpu.product_key_topk(queries, sub_keys, top_k)
-    return _product_key_topk(queries, sub_keys, top_k, n, per_head, approx, recall_target)
+            return _chunked(select, queries, c)
+    return select(queries)
 
 
-def _chunked(queries, sub_keys, top_k, c, approx, recall_target, native=False):
-    """``product_key_topk`` over chunks of ``c`` positions of axis -3 (padded to a multiple)."""
+def _chunked(select, queries, c):
+    """``select`` over chunks of ``c`` positions of axis -3 (padded to a multiple)."""
     *lead, t, h, dk = queries.shape
     pad = -t % c
     q = jnp.pad(queries, [(0, 0)] * len(lead) + [(0, pad), (0, 0), (0, 0)]) if pad else queries
     q = jnp.moveaxis(q.reshape(*lead, (t + pad) // c, c, h, dk), -4, 0)
-    s, i = jax.lax.map(lambda qc: product_key_topk(qc, sub_keys, top_k, approx=approx, recall_target=recall_target,
-                                                   native=native), q)
+    s, i = jax.lax.map(select, q)
+    top_k = s.shape[-1]
     s, i = (jnp.moveaxis(a, 0, -4).reshape(*lead, t + pad, h, top_k)[..., :t, :, :] for a in (s, i))
     return s, i
 
@@ -184,7 +189,7 @@ def full_keys(sub_keys: jax.Array) -> jax.Array:
 
 def brute_force_scores(queries: jax.Array, sub_keys: jax.Array) -> jax.Array:
     """Reference: float32 scores of every query against all ``n²`` keys, ``[..., heads, n²]``."""
-    _check_shapes(queries, sub_keys, 1)
+    check_shapes(queries, sub_keys, 1)
     keys = full_keys(sub_keys).astype(queries.dtype)
     spec = "...hc,hnc->...hn" if sub_keys.ndim == 4 else "...hc,nc->...hn"
     return jnp.einsum(spec, queries, keys, preferred_element_type=jnp.float32)
@@ -194,6 +199,6 @@ def brute_force_topk(
     queries: jax.Array, sub_keys: jax.Array, top_k: int
 ) -> tuple[jax.Array, jax.Array]:
     """Reference top-k over all ``n²`` keys (O(n²·d_key) per query; tests only)."""
-    _check_shapes(queries, sub_keys, top_k)
+    check_shapes(queries, sub_keys, top_k)
     scores, idx = jax.lax.top_k(brute_force_scores(queries, sub_keys), top_k)
     return scores, idx.astype(jnp.int32)

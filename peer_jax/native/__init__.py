@@ -159,7 +159,7 @@ def product_key_select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array,
     float32 scores ``[R, k]`` (descending) and int32 items ``a·n + b`` ``[R, k]``: the top-k of
     each half, the candidate sums over ``candidate_pairs(k)`` and their top-k, with
     ``jax.lax.top_k``'s tie order (lower position first). Not differentiable by itself:
-    ``product_keys`` wraps it in a custom VJP."""
+    ``backends/cpu.py`` wraps it in a custom VJP."""
     _register()
     r, n = s1.shape
     out = (jax.ShapeDtypeStruct((r, k), jnp.float32), jax.ShapeDtypeStruct((r, k), jnp.int32))
@@ -186,7 +186,7 @@ def group_by_row(idx: jax.Array, num_rows: int) -> Groups:
     ``(start [num_rows + 1], order [M·S])`` int32: the pairs of row r are
     ``order[start[r]:start[r+1]]`` in increasing flat pair index (a stable counting sort). Compute
     it once per index array and pass it to every kernel on those indices (the custom VJPs in
-    ``expert_compute`` and ``product_keys`` do). An index outside ``[0, num_rows)`` is an error."""
+    ``expert_compute`` and ``backends/cpu.py`` do). An index outside ``[0, num_rows)`` is an error."""
     _register()
     out = (jax.ShapeDtypeStruct((num_rows + 1,), jnp.int32), jax.ShapeDtypeStruct((idx.size,), jnp.int32))
     return jax.ffi.ffi_call("peer_jax_group_by_row", out, vmap_method="sequential")(idx.astype(jnp.int32))

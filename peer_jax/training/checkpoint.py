@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from peer_jax import cli
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -111,15 +113,9 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, path: str, e: Exception)
     fix = (f"The newest intact checkpoint is step {intact}: resume from it with --restore_step={intact} (nothing is "
            "deleted; newer checkpoints are set aside), or use a new --workdir." if intact is not None else
            "No older checkpoint is intact: move it away to start over, or use a new --workdir.")
-    return CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}). {fix}")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [x for x in str(e).strip().splitlines() if x.strip()]
-    line = lines[0] if lines else type(e).__name__
     # orbax appends a multi-line TensorStore spec to read errors; its first line is noise
-    line = line.split(" See full TensorStore details")[0].rstrip(".")
-    return line[:300]
+    why = cli.first_line(e).split(" See full TensorStore details")[0].rstrip(".")[:300]
+    return CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {why}). {fix}")
 
 
 def _shape_diff(stored: dict, abstract) -> list[str]:
