@@ -88,7 +88,7 @@ def shared_e_fit(groups: dict, primary: str, per_method: dict[str, dict]) -> tup
 
     def jac(z):
         e, rest = z[0], z[1:].reshape(len(methods), 4)
-        blocks, col = [], []
+        blocks = []
         for i, m in enumerate(methods):
             j = _parametric_jac(np.concatenate([[e], rest[i]]), np.log(obs[m][0]), np.log(obs[m][1]))
             full = np.zeros((len(j), 1 + 4 * len(methods)))
