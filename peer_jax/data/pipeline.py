@@ -84,7 +84,7 @@ class ArrayBatches:
     """Shuffled, epoch-cycling batches from in-memory arrays; batch s depends only on (seed, s).
 
     With several hosts every process computes the same global batch and keeps its block
-    `shard_index` of `num_shards` contiguous blocks (see `multihost.batch_rows`).
+    `shard_index` of `num_shards` contiguous blocks (see `multihost.process_row_block`).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
