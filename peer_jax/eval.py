@@ -50,18 +50,16 @@ def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None
              max_batches: int | None = None, batch_size: int | None = None) -> dict:
     """Returns {'step', 'tasks': {task: metrics}} for a checkpoint of a run configured by `cfg`."""
     from peer_jax import multihost
-    from peer_jax.data import eval_tasks
     from peer_jax.training import evaluate as eval_lib
 
-    if cfg.eval_data_dir:
-        eval_tasks.eval_data_dir(cfg.eval_data_dir)
     built, state = restore_run(cfg, checkpoint_dir, step)
     bs = batch_size or built.eval_batch_size
     with built.context():
         shard = multihost.process_row_block(built.batch_sharding, (bs, cfg.seq_len))
         results = {task: eval_lib.evaluate_task(built.eval_step, built.setup, state["params"], state["model_state"],
                                                 task, split=cfg.eval_split, seq_len=cfg.seq_len, vocab=built.vocab,
-                                                global_rows=bs, shard=shard, max_batches=max_batches)[0]
+                                                global_rows=bs, shard=shard, max_batches=max_batches,
+                                                eval_data_dir=cfg.eval_data_dir)[0]
                    for task in tasks}
     return {"step": int(state["step"]), "tasks": results}
 

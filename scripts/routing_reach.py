@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         try:
             xs, qs, keys = None, None, []
             for batch in pipeline.eval_stream(args.task, cfg.eval_split, cfg.seq_len, vocab,
-                                              cfg.eval_batch_size or cfg.batch_size, args.max_batches):
+                                              cfg.eval_batch_size or cfg.batch_size, args.max_batches,
+                                              eval_data_dir=cfg.eval_data_dir):
                 out = route(params, model_state, step_lib.host_batch(batch, setup))
                 valid = np.asarray(batch["weights"]) > 0
                 if xs is None:

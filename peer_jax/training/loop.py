@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from peer_jax import flops as flops_lib, hardware, host, multihost, runtime
-from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib
+from peer_jax.data import pipeline, streaming, tasks as tasks_lib
 from peer_jax.layers import expert_stats
 from peer_jax.training import build as build_lib, checkpoint as ckpt
 from peer_jax.training import evaluate as eval_lib
@@ -79,11 +79,10 @@ class Trainer:
             arrays = pipeline.packed_arrays(cfg.train_task, cfg.train_split, cfg.seq_len, built.vocab)
             self.train_it = pipeline.ArrayBatches(arrays, cfg.batch_size, **kw)
         self.eval_shard = multihost.process_row_block(built.batch_sharding, (built.eval_batch_size, cfg.seq_len))
-        if cfg.eval_data_dir:
-            eval_tasks_lib.eval_data_dir(cfg.eval_data_dir)
         for task in cfg.eval_tasks:  # fail at start-up, not at the first eval, if a set is missing
             next(pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, built.vocab, built.eval_batch_size, 1,
-                                      shard_index=self.eval_shard[0], num_shards=self.eval_shard[1]), None)
+                                      shard_index=self.eval_shard[0], num_shards=self.eval_shard[1],
+                                      eval_data_dir=cfg.eval_data_dir), None)
         self.state = built.init_state()
         self.mngr = ckpt.manager(str(self.workdir / "checkpoints"), keep=cfg.keep_checkpoints,
                                  asynchronous=cfg.async_checkpointing)
@@ -169,7 +168,7 @@ class Trainer:
                 built.eval_step, built.setup, self.state["params"], self.state["model_state"], task,
                 split=cfg.eval_split, seq_len=cfg.seq_len, vocab=built.vocab, global_rows=built.eval_batch_size,
                 shard=self.eval_shard, max_batches=cfg.final_eval_batches if final else cfg.eval_batches,
-                prefix_batches=cfg.eval_batches if final else None)
+                prefix_batches=cfg.eval_batches if final else None, eval_data_dir=cfg.eval_data_dir)
             if final:
                 row.update({f"eval/{task}/{k}": v for k, v in full.items()})
                 if i == 0:
