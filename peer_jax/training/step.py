@@ -171,7 +171,8 @@ def train_state_spec(model_factory, tx: optax.GradientTransformation, vocab_size
         "step": replicated,
         "expert_mass": {k: replicated for k in masses},
     }
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    abstract = {k: jax.tree.map(sds, shapes[k], shardings[k]) for k in shardings}  # keys in the order above
     return StateSpec(ModelSetup(graphdef, mesh, rules, masses), abstract, shardings, labels,
                      jax.jit(init, out_shardings=shardings))
 
