@@ -80,6 +80,17 @@ def test_bad_optimizer_settings_name_the_gin_binding(name, value):
         optim.make_optimizer(10, **{name: value})
 
 
+def test_a_bad_optimizer_binding_is_one_line_from_build():
+    gin_utils.parse(["configs/runs/tiny_cpu.gin"], ["optim.make_optimizer.warmup_steps = -1"])
+    try:
+        cfg = gin.get_configurable(TrainConfig)()
+        with pytest.raises(ValueError, match="optim.make_optimizer.warmup_steps=-1 is out of range") as info:
+            build_lib.build(cfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    finally:
+        gin.clear_config()
+    assert "\n" not in str(info.value)
+
+
 def test_a_batch_that_does_not_split_over_the_mesh_fails_in_build():
     mesh = sharding.make_mesh((-1, 1, 1))  # the 8 test devices
     with pytest.raises(ValueError, match="micro batch .* not divisible by the 8 data-parallel devices"):

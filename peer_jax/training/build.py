@@ -208,7 +208,10 @@ def build(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None, *, vocab_size
         vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
         vocab_size = vocab.vocab_size
     model_vocab = model_vocab_size(cfg, vocab_size)
-    tx, schedule = cfg.optimizer(cfg.num_steps)
+    try:
+        tx, schedule = cfg.optimizer(cfg.num_steps)
+    except ValueError as e:  # gin appends "In call to configurable ..." lines; the first names the setting
+        raise ValueError(str(e).strip().splitlines()[0]) from e
     spec = step_lib.train_state_spec(cfg.model, tx, model_vocab, cfg.seq_len, cfg.seed, mesh, rules)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(spec.setup, tx, cfg.grad_accum_steps, skip_nonfinite=cfg.nonfinite == "skip"),
