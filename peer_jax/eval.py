@@ -23,57 +23,43 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def restore_run(cfg, checkpoint_dir: str, step: int | None = None):
-    """(mesh, rules, vocab, setup, state, shardings): the train state of a checkpoint (latest or
-    `step`) of a run configured by `cfg`, restored into the run's shardings (every host of a
-    pod calls it). Used by `peer_jax.eval` and `peer_jax.sample`."""
-    import jax
-    from flax import nnx
+    """(built, state): the set-up of the run configured by `cfg` (`training.build`) and the train
+    state of its checkpoint (latest or `step`), restored into the run's shardings (every host of
+    a pod calls it). Used by `peer_jax.eval` and `peer_jax.sample`."""
+    from peer_jax import host
+    from peer_jax.training import build as build_lib, checkpoint as ckpt
 
-    from peer_jax import host, sharding
-    from peer_jax.data import vocab as vocab_lib
-    from peer_jax.training import checkpoint as ckpt, loop, step as step_lib
-
+    build_lib.validate(cfg)
     if "://" not in checkpoint_dir and not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} does not exist; pass the run's "
                                 "checkpoints directory (<workdir>/checkpoints).")
     host.pin(cfg)  # the training run's numerics; before the backend starts
-    mesh = sharding.make_mesh(cfg.mesh_shape)
-    rules = sharding.get_rules(cfg.sharding_rules)
-    loop.check_batch(cfg, mesh, rules)
-    vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
-    model_vocab = -(-vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    tx, _ = cfg.optimizer(cfg.num_steps)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        setup, abstract, shardings = step_lib.abstract_train_state(cfg.model, tx, model_vocab, cfg.seq_len, mesh, rules)
+    built = build_lib.build(cfg)
+    with built.context():
         mngr = ckpt.manager(checkpoint_dir, keep=cfg.keep_checkpoints)
         if mngr.latest_step() is None:
             mngr.close()
             raise FileNotFoundError(f"--checkpoint_dir={checkpoint_dir} holds no checkpoint.")
         with ckpt.close_on_error(mngr):
-            state, _ = ckpt.restore(mngr, abstract, shardings, step=step, expect_meta=loop.run_meta(cfg, vocab))
+            state, _ = ckpt.restore(mngr, built.abstract_state, built.shardings, step=step, expect_meta=built.meta())
         mngr.close()
-    return mesh, rules, vocab, setup, state, shardings
+    return built, state
 
 
 def run_eval(cfg, checkpoint_dir: str, tasks: list[str], step: int | None = None,
              max_batches: int | None = None, batch_size: int | None = None) -> dict:
     """Returns {'step', 'tasks': {task: metrics}} for a checkpoint of a run configured by `cfg`."""
-    import jax
-    from flax import nnx
+    from peer_jax import multihost
+    from peer_jax.training import evaluate as eval_lib
 
-    from peer_jax.data import eval_tasks
-    from peer_jax.training import evaluate as eval_lib, loop, step as step_lib
-
-    if cfg.eval_data_dir:
-        eval_tasks.eval_data_dir(cfg.eval_data_dir)
-    mesh, rules, vocab, setup, state, shardings = restore_run(cfg, checkpoint_dir, step)
-    bs = batch_size or cfg.eval_batch_size or cfg.batch_size // cfg.grad_accum_steps
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(setup), shardings, setup)
-        shard = loop.batch_shard(mesh, rules, cfg, bs)
-        results = {task: eval_lib.evaluate_task(eval_step, setup, state["params"], state["model_state"], task,
-                                                split=cfg.eval_split, seq_len=cfg.seq_len, vocab=vocab,
-                                                global_rows=bs, shard=shard, max_batches=max_batches)[0]
+    built, state = restore_run(cfg, checkpoint_dir, step)
+    bs = batch_size or built.eval_batch_size
+    with built.context():
+        shard = multihost.process_row_block(built.batch_sharding, (bs, cfg.seq_len))
+        results = {task: eval_lib.evaluate_task(built.eval_step, built.setup, state["params"], state["model_state"],
+                                                task, split=cfg.eval_split, seq_len=cfg.seq_len, vocab=built.vocab,
+                                                global_rows=bs, shard=shard, max_batches=max_batches,
+                                                eval_data_dir=cfg.eval_data_dir)[0]
                    for task in tasks}
     return {"step": int(state["step"]), "tasks": results}
 

@@ -328,7 +328,7 @@ def check_cloud_credentials(path: str) -> None:
             "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file. Or use a local --workdir.") from e
 
 
-def batch_rows(sharding, shape: tuple[int, ...]) -> tuple[int, int]:
+def process_row_block(sharding, shape: tuple[int, ...]) -> tuple[int, int]:
     """(index, count) of this process's block of batch rows among the distinct blocks.
 
     `sharding` places a global batch array of `shape` ([batch, length]). Processes whose

@@ -102,17 +102,15 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from peer_jax import gin_utils, sharding
-    from peer_jax.data import pipeline, vocab as vocab_lib
+    from peer_jax.data import pipeline
     from peer_jax.layers.product_key_router import ProductKeyRouter
-    from peer_jax.training import checkpoint as ckpt, loop, step as step_lib
+    from peer_jax.training import build as build_lib, checkpoint as ckpt, step as step_lib
     from peer_jax.training.config import TrainConfig
 
     gin_utils.parse([args.gin_file], [b.removeprefix("--gin.") for b in bindings])
     cfg = gin.get_configurable(TrainConfig)()
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    rules = sharding.get_rules(cfg.sharding_rules)
-    vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
-    model_vocab = -(-vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    built = build_lib.build(cfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    vocab, setup, graphdef = built.vocab, built.setup, built.setup.graphdef
 
     captured, top_ks = [], []
     original = ProductKeyRouter.queries
@@ -123,19 +121,14 @@ def main(argv=None) -> int:
         top_ks.append(self.top_k)
         return q
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with built.context():
         if args.checkpoint_dir:
-            tx, _ = cfg.optimizer(cfg.num_steps)
-            setup, abstract, shardings = step_lib.abstract_train_state(cfg.model, tx, model_vocab, cfg.seq_len,
-                                                                        mesh, rules)
             mngr = ckpt.manager(args.checkpoint_dir, keep=cfg.keep_checkpoints)
-            state, _ = ckpt.restore(mngr, abstract, shardings, expect_meta=loop.run_meta(cfg, vocab))
+            state, _ = ckpt.restore(mngr, built.abstract_state, built.shardings, expect_meta=built.meta())
             mngr.close()
-            graphdef, params, model_state = setup.graphdef, state["params"], state["model_state"]
-            step = int(state["step"])
         else:
-            graphdef, params, model_state, *_ = step_lib.init_model_state(cfg.model, model_vocab, cfg.seed, mesh, rules)
-            step = 0
+            state = built.init_state()
+        params, model_state, step = state["params"], state["model_state"], int(state["step"])
 
         @jax.jit
         def route(params, model_state, batch):
@@ -150,8 +143,9 @@ def main(argv=None) -> int:
         try:
             xs, qs, keys = None, None, []
             for batch in pipeline.eval_stream(args.task, cfg.eval_split, cfg.seq_len, vocab,
-                                              cfg.eval_batch_size or cfg.batch_size, args.max_batches):
-                out = route(params, model_state, step_lib.host_batch(batch, setup_like(mesh, rules)))
+                                              cfg.eval_batch_size or cfg.batch_size, args.max_batches,
+                                              eval_data_dir=cfg.eval_data_dir):
+                out = route(params, model_state, step_lib.host_batch(batch, setup))
                 valid = np.asarray(batch["weights"]) > 0
                 if xs is None:
                     xs, qs = [[] for _ in out], [[] for _ in out]
@@ -171,13 +165,6 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-def setup_like(mesh, rules):
-    """The two fields of ModelSetup that host_batch reads."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(mesh=mesh, rules=rules)
 
 
 if __name__ == "__main__":

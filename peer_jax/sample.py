@@ -162,7 +162,7 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     from peer_jax.training import step as step_lib
 
     # Filler rows (all padding) make the batch split evenly over the data-parallel devices.
-    fill = -len(rows) % sharding.batch_shards(setup.mesh, setup.rules)
+    fill = -len(rows) % sharding.data_parallel_size(setup.mesh, setup.rules)
     tokens, positions, segments = (np.pad(a, ((0, fill), (0, 0))) for a in left_pad(rows))
     b, width = tokens.shape
     length = width + max_new_tokens - 1
@@ -174,7 +174,7 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     if not use_cache:  # the buffer holds every column the reference will read
         pad = ((0, 0), (0, length - width))
         tokens, positions, segments = (np.pad(a, pad) for a in (tokens, positions, segments))
-    shard, shards = multihost.batch_rows(step_lib.batch_sharding(setup.mesh, setup.rules), tokens.shape)
+    shard, shards = multihost.process_row_block(step_lib.batch_sharding(setup.mesh, setup.rules), tokens.shape)
     block = slice(shard * b // shards, (shard + 1) * b // shards)
     batch = step_lib.host_batch({"t": tokens[block], "p": positions[block], "s": segments[block]}, setup, b)
 
@@ -253,18 +253,16 @@ def read_prompts(args) -> list[str]:
 
 def run_sample(cfg, args, prompts: list[str]) -> list[dict]:
     """The samples of `prompts` (each repeated `--num_samples` times) from the checkpoint."""
-    import jax
-    from flax import nnx
-
     from peer_jax.eval import restore_run
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
-    mesh, rules, vocab, setup, state, _ = restore_run(cfg, args.checkpoint_dir, args.step)
+    built, state = restore_run(cfg, args.checkpoint_dir, args.step)
+    vocab = built.vocab
     ids = encode_prompts(vocab, prompts, cfg.seq_len, args.max_new_tokens)
     rows = [r for r in ids for _ in range(args.num_samples)]
     texts = [p for p in prompts for _ in range(args.num_samples)]
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        toks, lps = generate(setup, state["params"], state["model_state"], rows, args.max_new_tokens,
+    with built.context():
+        toks, lps = generate(built.setup, state["params"], state["model_state"], rows, args.max_new_tokens,
                              vocab_size=vocab.vocab_size, eos_id=vocab.eos_id, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     return [{"prompt": p, "completion": vocab.decode([t for t in tk if t != vocab.eos_id]), "tokens": tk,

@@ -104,7 +104,7 @@ def get_rules(preset: str | LogicalRules) -> LogicalRules:
     if isinstance(preset, str):
         if preset not in RULE_PRESETS:
             raise ValueError(
-                f"sharding rules preset {preset!r} is unknown; set `MeshConfig.rules` to one of "
+                f"sharding rules preset {preset!r} is unknown; set TrainConfig.sharding_rules to one of "
                 f"{sorted(RULE_PRESETS)} or to a tuple of (logical_name, mesh_axes) pairs."
             )
         return RULE_PRESETS[preset]
@@ -232,7 +232,7 @@ def mesh_axes(logical: str, mesh=None, rules: LogicalRules | None = None) -> tup
     return tuple(a for a in axes if a in mesh.axis_names)
 
 
-def batch_shards(mesh=None, rules: LogicalRules | None = None) -> int:
+def data_parallel_size(mesh=None, rules: LogicalRules | None = None) -> int:
     """How many ways ``mesh`` and ``rules`` split the batch: the product of the sizes of the
     mesh axes mapped to logical ``batch`` (1 outside a mesh). Defaults as in ``mesh_axes``."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh

@@ -14,7 +14,7 @@ differ; nothing here downloads):
                TFDS_DATA_DIR at a bucket that has it, e.g. gs://tfds-data/datasets).
 
 Usage: python scripts/prepare_eval_data.py NAME --input RAW_FILE [--out DIR] [--split validation]
-Then train/eval with PEER_JAX_EVAL_DATA=DIR (or config.TrainConfig.eval_data_dir="DIR").
+Then train/eval with config.TrainConfig.eval_data_dir="DIR" (default: $PEER_JAX_EVAL_DATA).
 """
 
 from __future__ import annotations
@@ -63,12 +63,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=["wikitext103", "lambada", "pile", "curation"])
     p.add_argument("--input", required=True, help="the raw file (see above)")
-    p.add_argument("--out", default=os.environ.get("PEER_JAX_EVAL_DATA", os.path.expanduser("~/.cache/peer_jax/eval_data")))
+    p.add_argument("--out", default=None, help="the eval data directory (default: $PEER_JAX_EVAL_DATA, else "
+                   "~/.cache/peer_jax/eval_data); train and eval read it from TrainConfig.eval_data_dir")
     p.add_argument("--split", default="validation", help="split name the file is stored as (validation or test)")
     p.add_argument("--max_docs", type=int, default=None, help="keep only the first N documents (default: pile/curation 20000)")
     a = p.parse_args()
     max_docs = a.max_docs if a.max_docs is not None else (20000 if a.name in ("pile", "curation") else None)
-    out_dir = os.path.join(a.out, a.name)
+    from peer_jax.data import eval_tasks
+
+    out_dir = os.path.join(eval_tasks.data_dir(a.out), a.name)
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{a.split}.jsonl")
     n = 0

@@ -1,26 +1,30 @@
-"""Ahead-of-time compilation of the real train step for a TPU topology (scripts/aot_compile.py).
+"""Ahead-of-time compilation of the real train step for a TPU topology (peer_jax/aot.py,
+scripts/aot_compile.py).
 
-Needs `libtpu` (the `tpu` extra); run in the AOT environment:
+The compiles need `libtpu` (the `tpu` extra; marker `tpu_aot`); run them in the AOT environment:
 `bash launch/setup_aot_venv.sh && .venv-tpu/bin/python -m pytest -m tpu_aot tests/test_aot.py`.
-No TPU is used: the TPU devices are compile-only devices of a topology description.
+No TPU is used: the TPU devices are compile-only devices of a topology description. The checks
+before any compile (flags, topology names, configuration) run everywhere.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from peer_jax import aot
+
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [
-    pytest.mark.tpu_aot,
-    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                       reason="libtpu is not installed in this environment; create the AOT venv with "
-                              "`bash launch/setup_aot_venv.sh` and run with .venv-tpu/bin/python"),
-]
+tpu_aot = pytest.mark.tpu_aot
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed in this environment; create the AOT venv with "
+                                         "`bash launch/setup_aot_venv.sh` and run with .venv-tpu/bin/python")
 
 # A small model on a 2x2 v5e slice with model (and expert) axes of 2, so that tensor-parallel
 # shardings and the sparse layers' shard_map paths are compiled by the TPU compiler.
@@ -29,14 +33,36 @@ TINY = ["transformer.Transformer.num_layers = 2", "transformer.Transformer.d_mod
         "config.TrainConfig.seq_len = 64"]
 
 
-@pytest.fixture(scope="module")
-def aot():
-    spec = importlib.util.spec_from_file_location("aot_compile", REPO / "scripts" / "aot_compile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def test_bad_topology_is_a_clear_error():
+    with pytest.raises(ValueError, match="GENERATION:SHAPE"):
+        aot.parse_topology("tpu-v5e-256")
+
+
+@pytest.mark.parametrize("topology, accelerator", [
+    ("v5e:16x16", "v5litepod-256"), ("v4:4x4x4", "v4-128"), ("v5p:4x4x4", "v5p-128"), ("v6e:8x8", "v6e-64")])
+def test_accelerator_type_counts_chips_or_megacore_tensorcores(topology, accelerator):
+    assert aot.accelerator_type(topology) == accelerator
+
+
+@pytest.mark.parametrize("binding, match", [
+    ("config.TrainConfig.log_every = 0", "TrainConfig.log_every=0"),
+    ("config.TrainConfig.mesh_shape = (0, 1, 1)", "TrainConfig.mesh_shape"),
+    ("config.TrainConfig.sharding_rules = 'fdsp'", "TrainConfig.sharding_rules='fdsp'"),
+    ("config.TrainConfig.spm_path = 'gs://bucket/spm.model'", "pass --vocab_size"),
+])
+def test_bad_configuration_fails_before_any_compile(binding, match):
+    """Checked before libtpu is loaded: these fail the same without it."""
+    extra = ["config.TrainConfig.vocabulary = 'spm'"] if "spm_path" in binding else []
+    with pytest.raises(ValueError, match=match):
+        aot.compile_train_step(["configs/runs/tiny_cpu.gin"], TINY + extra + [binding], "v5e:2x2")
+
+
+def test_command_line_without_gin_file_is_one_line_and_status_2():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's peer_jax, not another install's
+    proc = subprocess.run([sys.executable, "scripts/aot_compile.py", "--topology=v5e:2x2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --gin_file is required")
 
 
 def _check_report(r: dict) -> None:
@@ -56,7 +82,9 @@ def _check_report(r: dict) -> None:
     assert est["step_time_roofline_s"] >= est["step_time_compute_bound_s"] > 0
 
 
-def test_tiny_dense_compiles_for_v5e_2x2(aot):
+@tpu_aot
+@needs_libtpu
+def test_tiny_dense_compiles_for_v5e_2x2():
     r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], TINY, "v5e:2x2", mesh_shape=(2, 1, 2))
     assert r["num_devices"] == 4 and r["device_kind"].startswith("TPU v5")
     assert r["mesh"] == {"data": 2, "expert": 1, "model": 2}
@@ -72,7 +100,9 @@ def test_tiny_dense_compiles_for_v5e_2x2(aot):
     ("peer_tiny", (1, 2, 2)),
     ("pkm_tiny", (1, 2, 2)),
 ])
-def test_tiny_sparse_models_compile_for_v5e_2x2(aot, model_gin, mesh_shape):
+@tpu_aot
+@needs_libtpu
+def test_tiny_sparse_models_compile_for_v5e_2x2(model_gin, mesh_shape):
     gin_file = f"configs/models/{model_gin}.gin"
     if not (REPO / gin_file).exists():
         pytest.skip(f"{gin_file} does not exist yet")
@@ -81,7 +111,9 @@ def test_tiny_sparse_models_compile_for_v5e_2x2(aot, model_gin, mesh_shape):
     _check_report(r)
 
 
-def test_out_of_memory_is_reported_not_raised(aot):
+@tpu_aot
+@needs_libtpu
+def test_out_of_memory_is_reported_not_raised():
     # A 2M-token vocabulary at d_model 1024: embeddings alone are 16 GB in float32 per device.
     r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], TINY + ["transformer.Transformer.d_model = 1024"],
                                "v5e:2x2", mesh_shape=(4, 1, 1), vocab_size=2_000_000)
@@ -90,16 +122,13 @@ def test_out_of_memory_is_reported_not_raised(aot):
     assert "DOES NOT FIT" in aot.format_report(r)
 
 
-def test_bad_topology_is_a_clear_error(aot):
-    with pytest.raises(ValueError, match="GENERATION:SHAPE"):
-        aot.parse_topology("tpu-v5e-256")
-
-
 # Attention at a splash-sized sequence (a multiple of 128): the kernel must be in the program.
 SPLASH = [b.replace("seq_len = 64", "seq_len = 256") for b in TINY]
 
 
-def test_splash_attention_is_compiled_into_the_program(aot):
+@tpu_aot
+@needs_libtpu
+def test_splash_attention_is_compiled_into_the_program():
     r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], SPLASH, "v5e:2x2", mesh_shape=(2, 1, 2))
     _check_report(r)
     assert r["attention_impl"] == "splash"
@@ -111,7 +140,9 @@ def test_splash_attention_is_compiled_into_the_program(aot):
     assert xla["attention_impl"] == "xla" and xla["pallas_kernels"] == []
 
 
-def test_scanned_layers_compile_and_count_their_collectives_per_layer(aot):
+@tpu_aot
+@needs_libtpu
+def test_scanned_layers_compile_and_count_their_collectives_per_layer():
     scanned = SPLASH + ["transformer.Transformer.num_layers = 4", "transformer.Transformer.scan_layers = True"]
     r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], scanned, "v5e:2x2", mesh_shape=(2, 1, 2))
     _check_report(r)
@@ -126,7 +157,9 @@ def test_scanned_layers_compile_and_count_their_collectives_per_layer(aot):
     assert 0.75 < ratio < 1.33, (coll, unscanned["collectives"])
 
 
-def test_expert_tables_over_data_all_gather_rows_and_reduce_scatter_grads(aot):
+@tpu_aot
+@needs_libtpu
+def test_expert_tables_over_data_all_gather_rows_and_reduce_scatter_grads():
     files = ["configs/base.gin", "configs/models/peer_tiny.gin"]
     default = aot.compile_train_step(files, SPLASH, "v5e:2x2", mesh_shape=(2, 1, 2))
     fsdp = aot.compile_train_step(files, SPLASH, "v5e:2x2", mesh_shape=(2, 1, 2), rules="fsdp_expert_tables")
@@ -142,8 +175,10 @@ def test_expert_tables_over_data_all_gather_rows_and_reduce_scatter_grads(aot):
     assert state(fsdp) <= state(default) - 3 * 2 * table / 2  # tables and both Adam moments halved
 
 
+@tpu_aot
+@needs_libtpu
 @pytest.mark.parametrize("layer,tables", [("peer", 2), ("pkm", 1)])
-def test_memory_parallel_moves_tokens_not_tables(aot, layer, tables):
+def test_memory_parallel_moves_tokens_not_tables(layer, tables):
     """`memory_parallel` on a v5e 2x2 as (data 1, expert 2, model 2): the tables stay split over
     the 4-device group, so no table gradient is summed anywhere, and the lookup's traffic is the
     group's routing and activations (all-gather, all-to-all), as `peer_jax.comm_model` counts it.
@@ -169,7 +204,9 @@ def test_memory_parallel_moves_tokens_not_tables(aot, layer, tables):
     assert state(mp) <= state(split) - 3 * tables * table / 2  # tables and both Adam moments over 4, not 2
 
 
-def test_sparsecore_gather_offload_is_reported(aot):
+@tpu_aot
+@needs_libtpu
+def test_sparsecore_gather_offload_is_reported():
     files = ["configs/base.gin", "configs/models/peer_tiny.gin"]
     off = aot.compile_train_step(files, TINY, "v5p:2x2x1", mesh_shape=(2, 1, 2))
     on = aot.compile_train_step(files, TINY, "v5p:2x2x1", mesh_shape=(2, 1, 2),
@@ -181,7 +218,9 @@ def test_sparsecore_gather_offload_is_reported(aot):
     assert on["compiler_options"] == {"xla_tpu_offload_gather_to_sparsecore": True}
 
 
-def test_a_model_axis_of_two_on_a_slice_with_physical_axes_of_four(aot):
+@tpu_aot
+@needs_libtpu
+def test_a_model_axis_of_two_on_a_slice_with_physical_axes_of_four():
     # v5p 4x4x4: 2 is no product of whole physical axes, so jax.make_mesh refuses it and
     # sharding.physical_mesh splits a physical axis. The paper grid's (-1, 1, 2) needs this.
     r = aot.compile_train_step(["configs/runs/tiny_cpu.gin"], TINY + ["config.TrainConfig.batch_size = 32"],

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from peer_jax import sharding
-from peer_jax.data import eval_tasks, pipeline, vocab as vocab_lib
+from peer_jax.data import pipeline, vocab as vocab_lib
 from peer_jax.eval import format_table, run_eval
 from peer_jax.models.transformer import Transformer
 from peer_jax.training import evaluate as eval_lib, loop, optim, step as step_lib
@@ -77,23 +77,33 @@ def eval_dir(tmp_path):
     (tmp_path / "lambada").mkdir()
     docs = [{"text": f"passage {i}: the \"quick\" brown fox\njumps over the lazy dog {i}"} for i in range(5)]
     (tmp_path / "lambada" / "validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    old = eval_tasks.eval_data_dir()
-    eval_tasks.eval_data_dir(str(tmp_path))
-    yield tmp_path, docs
-    eval_tasks.eval_data_dir(old)
+    return tmp_path, docs
 
 
 def test_file_based_eval_set_reads_local_jsonl(eval_dir):
-    _, docs = eval_dir
+    directory, docs = eval_dir
     byte = vocab_lib.vocabulary("byte")
-    arrays = pipeline.packed_arrays("lambada", "validation", 32, byte, use_cache=False)
+    arrays = pipeline.packed_arrays("lambada", "validation", 32, byte, eval_data_dir=str(directory), use_cache=False)
     assert int(arrays["weights"].sum()) == sum(len(d["text"].encode()) + 1 for d in docs)
 
 
 def test_missing_eval_file_is_a_clear_error(eval_dir):
     byte = vocab_lib.vocabulary("byte")
     with pytest.raises(FileNotFoundError, match=r"wikitext103/validation.jsonl does not exist.*prepare_eval_data"):
-        pipeline.packed_arrays("wikitext103", "validation", 32, byte, use_cache=False)
+        pipeline.packed_arrays("wikitext103", "validation", 32, byte, eval_data_dir=str(eval_dir[0]), use_cache=False)
+
+
+def test_eval_data_dir_defaults_to_the_environment_variable(eval_dir, monkeypatch):
+    directory, docs = eval_dir
+    byte = vocab_lib.vocabulary("byte")
+    monkeypatch.setenv("PEER_JAX_EVAL_DATA", str(directory))
+    arrays = pipeline.packed_arrays("lambada", "validation", 32, byte, use_cache=False)
+    assert int(arrays["weights"].sum()) == sum(len(d["text"].encode()) + 1 for d in docs)
+    monkeypatch.setenv("PEER_JAX_EVAL_DATA", str(directory / "elsewhere"))
+    assert pipeline.packed_arrays("lambada", "validation", 32, byte, eval_data_dir=str(directory),
+                                  use_cache=False)["weights"].sum() == arrays["weights"].sum()  # the setting wins
+    with pytest.raises(FileNotFoundError, match="elsewhere/lambada/validation.jsonl does not exist"):
+        pipeline.packed_arrays("lambada", "validation", 32, byte, use_cache=False)
 
 
 def test_a_runs_final_eval_is_peer_jax_eval_on_its_checkpoint(tmp_path, eval_dir):
@@ -106,7 +116,7 @@ def test_a_runs_final_eval_is_peer_jax_eval_on_its_checkpoint(tmp_path, eval_dir
     cfg = TrainConfig(model=FACTORY, optimizer=functools.partial(optim.make_optimizer, warmup_steps=1),
                       eval_tasks=("kjv", "lambada"), seq_len=64, batch_size=8, num_steps=4, log_every=1,
                       eval_every=2, eval_batches=2, eval_batch_size=64, checkpoint_every=4, progress_bar=False,
-                      tensorboard=False, vocab_multiple=64)
+                      tensorboard=False, vocab_multiple=64, eval_data_dir=str(eval_dir[0]))
     trained = loop.train(cfg, str(tmp_path))
     byte = vocab_lib.vocabulary("byte")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +128,8 @@ def test_a_runs_final_eval_is_peer_jax_eval_on_its_checkpoint(tmp_path, eval_dir
     subset = run_eval(cfg, str(tmp_path / "checkpoints"), ["kjv"], max_batches=2)["tasks"]["kjv"]
     assert res["step"] == 4
     for task in ("kjv", "lambada"):
-        size = float(pipeline.packed_arrays(task, "validation", 64, byte)["weights"].sum())
+        arrays = pipeline.packed_arrays(task, "validation", 64, byte, eval_data_dir=cfg.eval_data_dir)
+        size = float(arrays["weights"].sum())
         assert trained[f"eval/{task}/tokens"] == trained[f"eval/{task}/split_tokens"] == size
         for key in ("loss", "ppl", "tokens", "split_tokens"):
             assert res["tasks"][task][key] == trained[f"eval/{task}/{key}"], (task, key)

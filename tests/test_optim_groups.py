@@ -63,9 +63,8 @@ def _init(layer, tx):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     factory = functools.partial(Transformer, num_layers=2, d_model=32, num_heads=2, sparse_ffw=LAYERS[layer])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES_DEFAULT):
-        _, params, *_, labels = step_lib.init_model_state(factory, V, 0, mesh, sharding.RULES_DEFAULT)
-    optim.assign_groups(tx, labels)
-    return jax.device_get(params)
+        spec = step_lib.train_state_spec(factory, tx, V, T, 0, mesh, sharding.RULES_DEFAULT)
+        return jax.device_get(spec.init()["params"])
 
 
 def _labels(layer):
@@ -180,7 +179,7 @@ def test_bad_groups_fail_with_the_setting():
 
 def test_grouped_optimizer_needs_labels():
     tx, _ = optim.make_optimizer(10, param_groups={"tables": {"weight_decay": 0.0}})
-    with pytest.raises(ValueError, match="create_train_state"):
+    with pytest.raises(ValueError, match="train_state_spec"):
         tx.init({"w": np.zeros((2, 2), np.float32)})
 
 
@@ -190,10 +189,9 @@ def test_groups_on_a_model_without_product_key_layers():
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     factory = functools.partial(Transformer, num_layers=1, d_model=16, num_heads=2, sparse_ffw=None)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES_DEFAULT):
-        _, params, *_, labels = step_lib.init_model_state(factory, V, 0, mesh, sharding.RULES_DEFAULT)
-    optim.assign_groups(tx, labels)
-    assert set(jax.tree.leaves(labels)) == {"rest"}
-    params = jax.device_get(params)
+        spec = step_lib.train_state_spec(factory, tx, V, T, 0, mesh, sharding.RULES_DEFAULT)
+        params = jax.device_get(spec.init()["params"])
+    assert set(jax.tree.leaves(spec.labels)) == {"rest"}
     grads = jax.tree.map(np.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert all(np.all(u != 0) for u in jax.tree.leaves(updates))

@@ -137,7 +137,8 @@ def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path
 @pytest.mark.parametrize("binding, message", [
     ("--gin.config.TrainConfig.mesh_shape=(3, 1, 1)", "error: mesh_shape=(3, 1, 1) (axes ('data', 'expert', "
      "'model')) needs 3 devices but 1 are available"),
-    ("--gin.config.TrainConfig.eval_tasks=['no_such_task']", "error: data task 'no_such_task' is unknown"),
+    ("--gin.config.TrainConfig.eval_tasks=['no_such_task']", "error: TrainConfig.eval_tasks: task 'no_such_task' "
+     "is unknown"),
     ("--gin.config.TrainConfig.xla_cpu_pin='AVX3'", "error: TrainConfig.xla_cpu_pin='AVX3' is not an XLA:CPU ISA"),
 ])
 def test_cli_startup_errors_are_the_last_line_printed(binding, message, tmp_path):

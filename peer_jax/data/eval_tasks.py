@@ -1,9 +1,9 @@
 """The paper's eval sets: C4 validation (tfds) plus four corpora read from local files.
 
 Wikitext-103, the Pile, LAMBADA and Curation Corpus have no maintained tfds builder, so each
-is read from `$PEER_JAX_EVAL_DATA/<name>/<split>.jsonl` (one JSON object per line with a
-`text` field; the directory can also be set with `eval_data_dir(...)`, and may be a
-`gs://` path). `python scripts/prepare_eval_data.py --help` says where each set comes from
+is read from `<dir>/<name>/<split>.jsonl` (one JSON object per line with a `text` field),
+where `<dir>` is `TrainConfig.eval_data_dir`, by default `$PEER_JAX_EVAL_DATA` (`data_dir`;
+it may be a `gs://` path). `python scripts/prepare_eval_data.py --help` says where each set comes from
 and converts it to that layout. A missing file stops the run with a message naming the file
 and the command that makes it.
 """
@@ -25,29 +25,22 @@ FILE_TASKS = {
     "curation": "Curation Corpus (Curation 2020), article texts, a fixed sample",
 }
 
-_DIR: list[str | None] = [None]
+
+def data_dir(configured: str | None = None) -> str:
+    """The directory of the file-based eval sets: `configured` (TrainConfig.eval_data_dir), else
+    $PEER_JAX_EVAL_DATA, else ~/.cache/peer_jax/eval_data."""
+    return configured or os.environ.get("PEER_JAX_EVAL_DATA") or os.path.expanduser("~/.cache/peer_jax/eval_data")
 
 
-def eval_data_dir(path: str | None = None) -> str:
-    """Gets (and with an argument sets) the directory of the file-based eval sets."""
-    if path is not None:
-        _DIR[0] = path
-    return _DIR[0] or os.environ.get("PEER_JAX_EVAL_DATA", os.path.expanduser("~/.cache/peer_jax/eval_data"))
-
-
-def eval_file(name: str, split: str) -> str:
-    return os.path.join(eval_data_dir(), name, f"{split}.jsonl")
-
-
-def _jsonl_source(name: str) -> seqio.DataSource:
+def _jsonl_source(name: str, directory: str) -> seqio.DataSource:
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed
-        path = eval_file(name, split)
+        path = os.path.join(directory, name, f"{split}.jsonl")
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(
                 f"eval set {name!r}: {path} does not exist. Prepare it with `python scripts/prepare_eval_data.py "
-                f"{name} --out {eval_data_dir()}` or set PEER_JAX_EVAL_DATA to the directory that holds "
-                f"{name}/{split}.jsonl.")
+                f"{name} --out {directory}`, or set TrainConfig.eval_data_dir (default: $PEER_JAX_EVAL_DATA) to "
+                f"the directory that holds {name}/{split}.jsonl.")
         lines = tf.data.TextLineDataset(path)
         return lines.map(lambda s: {"text": _json_text(s)})
 
@@ -62,7 +55,7 @@ def _json_text(line: tf.Tensor) -> tf.Tensor:
 
 def register() -> None:
     for name in FILE_TASKS:
-        tasks.EXTRA_SOURCES[name] = (lambda n: (lambda: _jsonl_source(n)))(name)
+        tasks.FILE_SOURCES[name] = (lambda n: (lambda directory: _jsonl_source(n, directory)))(name)
 
 
 register()

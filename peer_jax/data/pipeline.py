@@ -21,7 +21,7 @@ import os
 import numpy as np
 import seqio
 
-from peer_jax.data import eval_tasks as _eval_tasks  # noqa: F401  (registers the file-based eval sets)
+from peer_jax.data import eval_tasks  # also registers the file-based eval sets
 from peer_jax.data import streaming
 from peer_jax.data import tasks as tasks_lib
 from peer_jax.data.vocab import cache_dir
@@ -57,9 +57,10 @@ def _seqio_dataset(task: seqio.Task, split: str, seq_len: int, *, shuffle: bool 
 
 
 def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, *,
-                  use_cache: bool = True) -> dict[str, np.ndarray]:
-    """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz)."""
-    task = tasks_lib.get_task(task_name, vocab)
+                  eval_data_dir: str | None = None, use_cache: bool = True) -> dict[str, np.ndarray]:
+    """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz). A set read from
+    files reads them from `eval_data_dir` (TrainConfig.eval_data_dir; see `eval_tasks.data_dir`)."""
+    task = tasks_lib.get_task(task_name, vocab, eval_tasks.data_dir(eval_data_dir))
     key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION)).encode()).hexdigest()[:12]
     path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
     if use_cache and path.exists():
@@ -84,7 +85,7 @@ class ArrayBatches:
     """Shuffled, epoch-cycling batches from in-memory arrays; batch s depends only on (seed, s).
 
     With several hosts every process computes the same global batch and keeps its block
-    `shard_index` of `num_shards` contiguous blocks (see `multihost.batch_rows`).
+    `shard_index` of `num_shards` contiguous blocks (see `multihost.process_row_block`).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
@@ -140,7 +141,8 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: in
 
 
 def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabulary, batch_size: int,
-                max_batches: int | None = None, *, shard_index: int = 0, num_shards: int = 1):
+                max_batches: int | None = None, *, shard_index: int = 0, num_shards: int = 1,
+                eval_data_dir: str | None = None):
     """This host's blocks of global eval batches of `batch_size` rows, in a fixed order.
 
     Small sets are packed once and cached (`packed_arrays`): every host slices the same
@@ -153,7 +155,8 @@ def eval_stream(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabular
     streamed = tasks_lib.tfds_name(task_name)
     if streamed is None:
         part = slice(shard_index * local, (shard_index + 1) * local)
-        for batch in eval_batches(packed_arrays(task_name, split, seq_len, vocab), batch_size, max_batches):
+        arrays = packed_arrays(task_name, split, seq_len, vocab, eval_data_dir=eval_data_dir)
+        for batch in eval_batches(arrays, batch_size, max_batches):
             yield {k: v[part] for k, v in batch.items()}
         return
     yield from streaming.eval_batches(streamed, split, seq_len, vocab, local, shard_index=shard_index,

@@ -1,8 +1,8 @@
 """seqio tasks: the embedded KJV corpus (and its validation split without repeated verses),
 two held-out English texts, and C4.
 
-Tasks are registered per vocabulary (`<task>.<vocab_id>`, e.g. `kjv.bytes`) on first use by
-`get_task(name, vocab)`. Every text task shares one preprocessing chain:
+Tasks are registered per vocabulary (`<task>.<vocab_id>`, e.g. `kjv.bytes`; a set read from
+files also per directory) on first use by `get_task(name, vocab)`. Every text task shares one preprocessing chain:
 rekey text→targets, tokenize, append one EOS per document, split documents into chunks of at
 most the target length (so nothing is truncated away), after which seqio's
 `DecoderFeatureConverter(pack=True)` packs chunks into rows.
@@ -11,6 +11,7 @@ most the target length (so nothing is truncated away), after which seqio's
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import pydoc_data.topics
@@ -161,9 +162,9 @@ def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
     }
 
 
-# Sets of text files (eval corpora without a tfds builder) register through this hook; see
-# peer_jax/data/eval_tasks.py.
-EXTRA_SOURCES: dict[str, Callable[[], seqio.DataSource]] = {}
+# Sets of text files (eval corpora without a tfds builder) register through this hook, each a
+# factory of its source given the directory of the files; see peer_jax/data/eval_tasks.py.
+FILE_SOURCES: dict[str, Callable[[str], seqio.DataSource]] = {}
 
 
 # Corpora streamed through Grain from a TFDS ArrayRecord copy (peer_jax/data/streaming.py):
@@ -178,16 +179,28 @@ def tfds_name(task: str) -> str | None:
     return STREAMED_TFDS.get(task)
 
 
-def get_task(name: str, vocab: seqio.Vocabulary) -> seqio.Task:
-    """The seqio Task `name` for this vocabulary, registered on first use."""
-    sources = {**_sources(), **EXTRA_SOURCES}
-    if name not in sources:
-        raise ValueError(f"data task {name!r} is unknown; known tasks: {sorted(sources)}.")
-    full = f"{name}.{vocab_id(vocab)}"
+def task_names() -> list[str]:
+    return sorted({**_sources(), **FILE_SOURCES})
+
+
+def get_task(name: str, vocab: seqio.Vocabulary, file_dir: str | None = None) -> seqio.Task:
+    """The seqio Task `name` for this vocabulary, registered on first use; a set read from files
+    (`FILE_SOURCES`) reads them from `file_dir`."""
+    sources = _sources()
+    if name in FILE_SOURCES:
+        if file_dir is None:
+            raise ValueError(f"data task {name!r} is read from files: give get_task their directory (file_dir).")
+        # The directory is part of the name, so the packed-array cache (keyed by it) tells sets apart.
+        full = f"{name}_{hashlib.sha1(file_dir.encode()).hexdigest()[:8]}.{vocab_id(vocab)}"
+        make = functools.partial(FILE_SOURCES[name], file_dir)
+    elif name in sources:
+        full, make = f"{name}.{vocab_id(vocab)}", sources[name]
+    else:
+        raise ValueError(f"data task {name!r} is unknown; known tasks: {task_names()}.")
     if full not in seqio.TaskRegistry.names():
         seqio.TaskRegistry.add(
             full,
-            source=sources[name](),
+            source=make(),
             preprocessors=_text_preprocessors(),
             output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
         )

@@ -142,7 +142,7 @@ class ProductKeyRouter(nnx.Module):
         """Router weights and item indices, each ``[B, T, heads, top_k]`` (float32, int32)."""
         q = self.queries(x, mask=mask, train=train)
         # The search runs over chunks of about route_chunk_tokens tokens *per device*.
-        chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * shd.batch_shards()
+        chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * shd.data_parallel_size()
         scores, idx = self.ops.select_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k,
                                            approx=self.approx_topk, chunk_tokens=chunk)
         g = jax.nn.softmax(scores, axis=-1) if self.score_fn == "softmax" else jax.nn.sigmoid(scores)

@@ -28,7 +28,7 @@ class TrainConfig:
     train_split: str = "train"
     eval_tasks: Sequence[str] = ("kjv",)
     eval_split: str = "validation"
-    eval_data_dir: str | None = None  # file-based eval sets; default $PEER_JAX_EVAL_DATA
+    eval_data_dir: str | None = None  # file-based eval sets (data/eval_tasks.py); None: $PEER_JAX_EVAL_DATA
     vocabulary: str = "byte"  # 'byte' or 'spm'
     spm_path: str | None = None
     vocab_multiple: int = 128  # model vocab = vocabulary size rounded up (shardable, MXU-friendly)

@@ -87,16 +87,17 @@ def evaluate(eval_step, setup: step_lib.ModelSetup, params, model_state, batches
     return summarize(totals)
 
 
-def split_tokens(task: str, split: str, seq_len: int, vocab) -> int | None:
+def split_tokens(task: str, split: str, seq_len: int, vocab, eval_data_dir: str | None = None) -> int | None:
     """Real target tokens in a split packed in memory; None for streamed sets (not known up front)."""
     if tasks_lib.tfds_name(task) is not None:
         return None
-    return int(pipeline.packed_arrays(task, split, seq_len, vocab)["weights"].sum())
+    return int(pipeline.packed_arrays(task, split, seq_len, vocab, eval_data_dir=eval_data_dir)["weights"].sum())
 
 
 def evaluate_task(eval_step, setup: step_lib.ModelSetup, params, model_state, task: str, *, split: str,
                   seq_len: int, vocab, global_rows: int, shard: tuple[int, int], max_batches: int | None = None,
-                  prefix_batches: int | None = None) -> tuple[dict[str, float], dict[str, float] | None]:
+                  prefix_batches: int | None = None,
+                  eval_data_dir: str | None = None) -> tuple[dict[str, float], dict[str, float] | None]:
     """(metrics of the first `max_batches` global batches of `task`'s split, None = all of it;
     metrics of its first `prefix_batches`, or None), read by this process's `shard` = (index, count).
 
@@ -105,12 +106,12 @@ def evaluate_task(eval_step, setup: step_lib.ModelSetup, params, model_state, ta
     """
     index, count = shard
     batches = pipeline.eval_stream(task, split, seq_len, vocab, global_rows, max_batches,
-                                   shard_index=index, num_shards=count)
+                                   shard_index=index, num_shards=count, eval_data_dir=eval_data_dir)
     totals, prefix = accumulate(eval_step, setup, params, model_state, batches,
                                 pipeline.empty_batch(global_rows // count, seq_len), global_rows,
                                 hosts_agree=tasks_lib.tfds_name(task) is not None, prefix_batches=prefix_batches)
     full = summarize(totals)
-    size = split_tokens(task, split, seq_len, vocab)
+    size = split_tokens(task, split, seq_len, vocab, eval_data_dir)
     if size is None and max_batches is None:
         size = int(full["tokens"])
     results = (full, None if prefix is None else summarize(prefix))

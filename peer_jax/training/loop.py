@@ -17,12 +17,11 @@ import time
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 
-from peer_jax import flops as flops_lib, hardware, host, multihost, runtime, sharding
-from peer_jax.data import eval_tasks as eval_tasks_lib, pipeline, streaming, tasks as tasks_lib, vocab as vocab_lib
+from peer_jax import flops as flops_lib, hardware, host, multihost, runtime
+from peer_jax.data import pipeline, streaming, tasks as tasks_lib
 from peer_jax.layers import expert_stats
-from peer_jax.training import checkpoint as ckpt
+from peer_jax.training import build as build_lib, checkpoint as ckpt
 from peer_jax.training import evaluate as eval_lib
 from peer_jax.training import metrics as metrics_lib
 from peer_jax.training import profiling
@@ -35,29 +34,6 @@ log = logging.getLogger("peer_jax")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def check_batch(cfg: TrainConfig, mesh, rules) -> int:
-    """Validates batch_size against accumulation and the data-parallel mesh; returns the micro batch."""
-    if cfg.batch_size < 1 or cfg.grad_accum_steps < 1:
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} and grad_accum_steps={cfg.grad_accum_steps} must be ≥ 1.")
-    if cfg.batch_size % cfg.grad_accum_steps:
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by "
-                         f"TrainConfig.grad_accum_steps={cfg.grad_accum_steps}.")
-    micro = cfg.batch_size // cfg.grad_accum_steps
-    dp = sharding.batch_shards(mesh, rules)
-    if micro % dp:
-        raise ValueError(
-            f"the micro batch (TrainConfig.batch_size / grad_accum_steps = {micro}) is not divisible by the "
-            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; change TrainConfig.batch_size or "
-            "TrainConfig.mesh_shape.")
-    return micro
-
-
-def run_meta(cfg: TrainConfig, vocab) -> dict:
-    """What must match between a checkpoint and the run that resumes from it."""
-    return {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "vocab": vocab_lib.vocab_id(vocab),
-            "train_task": cfg.train_task, "data_seed": cfg.data_seed}
 
 
 def compile_report(compiled) -> dict:
@@ -75,11 +51,6 @@ def compile_report(compiled) -> dict:
     return out
 
 
-def batch_shard(mesh, rules, cfg: TrainConfig, rows: int) -> tuple[int, int]:
-    """(index, count): which block of a global batch of `rows` rows this process reads."""
-    return multihost.batch_rows(step_lib.batch_sharding(mesh, rules), (rows, cfg.seq_len))
-
-
 class Trainer:
     """One training run in `workdir` (resumed if it holds checkpoints)."""
 
@@ -94,52 +65,33 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        build_lib.validate(cfg)  # every setting, before anything starts
         host.pin(cfg)  # first: XLA reads its flags and sizes its thread pool when the backend starts
         self.workdir.mkdir(parents=True, exist_ok=True)
         runtime.configure_compilation_cache(cfg.compilation_cache_dir)
-        self.mesh = sharding.make_mesh(cfg.mesh_shape)
-        self.rules = sharding.get_rules(cfg.sharding_rules)
-        check_batch(cfg, self.mesh, self.rules)
-        if cfg.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"TrainConfig.nonfinite={cfg.nonfinite!r}: use 'stop' or 'skip'.")
-        self.vocab = vocab_lib.vocabulary(cfg.vocabulary, cfg.spm_path)
-        shard, shards = batch_shard(self.mesh, self.rules, cfg, cfg.batch_size)
+        self.built = built = build_lib.build(cfg)
+        shard, shards = multihost.process_row_block(built.batch_sharding, (cfg.batch_size, cfg.seq_len))
         kw = dict(seed=cfg.data_seed, shard_index=shard, num_shards=shards)
         if cfg.streaming:
-            name = tasks_lib.tfds_name(cfg.train_task)
-            if name is None:
-                raise ValueError(f"TrainConfig.streaming=True needs a TFDS corpus: train_task={cfg.train_task!r} is "
-                                 "packed in memory. Use 'c4' or 'tfds:NAME', or set streaming=False.")
-            self.train_it = streaming.GrainBatches(name, cfg.train_split, cfg.seq_len, self.vocab, cfg.batch_size, **kw)
+            self.train_it = streaming.GrainBatches(tasks_lib.tfds_name(cfg.train_task), cfg.train_split, cfg.seq_len,
+                                                   built.vocab, cfg.batch_size, **kw)
         else:
-            arrays = pipeline.packed_arrays(cfg.train_task, cfg.train_split, cfg.seq_len, self.vocab)
+            arrays = pipeline.packed_arrays(cfg.train_task, cfg.train_split, cfg.seq_len, built.vocab)
             self.train_it = pipeline.ArrayBatches(arrays, cfg.batch_size, **kw)
-        self.eval_bs = cfg.eval_batch_size or cfg.batch_size // cfg.grad_accum_steps
-        self.eval_shard = batch_shard(self.mesh, self.rules, cfg, self.eval_bs)
-        if cfg.eval_data_dir:
-            eval_tasks_lib.eval_data_dir(cfg.eval_data_dir)
-        for name in ("eval_batches", "final_eval_batches"):
-            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)} must be ≥ 1, or None for the whole split.")
+        self.eval_shard = multihost.process_row_block(built.batch_sharding, (built.eval_batch_size, cfg.seq_len))
         for task in cfg.eval_tasks:  # fail at start-up, not at the first eval, if a set is missing
-            next(pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, self.vocab, self.eval_bs, 1,
-                                      shard_index=self.eval_shard[0], num_shards=self.eval_shard[1]), None)
-        tx, self.schedule = cfg.optimizer(cfg.num_steps)
-        self.model_vocab = -(-self.vocab.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        self.setup_, self.state, self.shardings = step_lib.create_train_state(
-            cfg.model, tx, self.model_vocab, cfg.seq_len, cfg.seed, self.mesh, self.rules)
-        self.train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(self.setup_, tx, cfg.grad_accum_steps, skip_nonfinite=cfg.nonfinite == "skip"),
-            self.shardings, self.setup_)
-        self.eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(self.setup_), self.shardings, self.setup_)
+            next(pipeline.eval_stream(task, cfg.eval_split, cfg.seq_len, built.vocab, built.eval_batch_size, 1,
+                                      shard_index=self.eval_shard[0], num_shards=self.eval_shard[1],
+                                      eval_data_dir=cfg.eval_data_dir), None)
+        self.state = built.init_state()
         self.mngr = ckpt.manager(str(self.workdir / "checkpoints"), keep=cfg.keep_checkpoints,
                                  asynchronous=cfg.async_checkpointing)
-        self.meta = run_meta(cfg, self.vocab)
+        self.meta = built.meta()
 
     def restore(self) -> int:
         """Restores the latest checkpoint (or `restore_step`, setting newer ones aside); returns the step."""
         with ckpt.close_on_error(self.mngr):
-            restored = ckpt.restore(self.mngr, self.state, self.shardings, step=self.restore_step,
+            restored = ckpt.restore(self.mngr, self.state, self.built.shardings, step=self.restore_step,
                                     expect_meta=self.meta, data_iterator=self.train_it)
         if restored is not None and self.restore_step is not None:
             moved = ckpt.set_aside_newer(self.mngr, self.restore_step)
@@ -152,18 +104,13 @@ class Trainer:
 
     def compile(self) -> None:
         cfg = self.cfg
-        batch_spec = step_lib.batch_sharding(self.mesh, self.rules)
-        abstract_batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len),
-                                                  np.float32 if k == "weights" else np.int32, sharding=batch_spec)
-                          for k in step_lib.BATCH_KEYS}
         t0 = time.perf_counter()
-        self.step_fn = self.train_step.lower(self.state, abstract_batch).compile()
+        self.step_fn = self.built.train_step.lower(self.state, self.built.abstract_batch()).compile()
         report = {**compile_report(self.step_fn), "compile_s": time.perf_counter() - t0}
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
         # Analytic (peer_jax.flops convention); XLA's count undercounts loops (lax.scan bodies once).
-        abstract_model = nnx.eval_shape(lambda: cfg.model(self.model_vocab, rngs=nnx.Rngs(0)))
-        self.train_flops_per_token = flops_lib.train_flops_per_token(abstract_model, cfg.seq_len,
-                                                                     cfg.batch_size // cfg.grad_accum_steps)
+        self.train_flops_per_token = flops_lib.train_flops_per_token(self.built.abstract_model(), cfg.seq_len,
+                                                                     self.built.micro_batch)
         report["train_flops_per_token"] = self.train_flops_per_token
         report["host"] = host.describe(cfg.xla_cpu_pin)
         log.info("params=%d compile=%s", self.n_params, json.dumps(report))
@@ -175,7 +122,7 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step; returns the (device) metrics."""
         t0 = time.perf_counter()
-        batch = step_lib.host_batch(next(self.train_it), self.setup_, self.cfg.batch_size)
+        batch = step_lib.host_batch(next(self.train_it), self.built.setup, self.cfg.batch_size)
         t1 = time.perf_counter()
         self.state, metrics = self.step_fn(self.state, batch)
         self.input_wait_s += t1 - t0
@@ -187,7 +134,7 @@ class Trainer:
         self.check_finite(step, m.pop("finite"))
         dt = time.perf_counter() - self.t_log
         n = self.steps_since
-        row = {**m, "lr": float(self.schedule(step - 1)), "tokens_per_sec": n * cfg.batch_size * cfg.seq_len / dt,
+        row = {**m, "lr": float(self.built.schedule(step - 1)), "tokens_per_sec": n * cfg.batch_size * cfg.seq_len / dt,
                "step_time_s": dt / n, "input_wait_s": self.input_wait_s / n}
         if self.checkpoint_blocking_s:
             row["checkpoint_blocking_s"], self.checkpoint_blocking_s = self.checkpoint_blocking_s, 0.0
@@ -215,13 +162,13 @@ class Trainer:
         cfg = self.cfg
         final = step == cfg.num_steps
         log.info("%s eval at step %d", "final" if final else "subset", step)
-        row = {}
+        row, built = {}, self.built
         for i, task in enumerate(cfg.eval_tasks):
             full, subset = eval_lib.evaluate_task(
-                self.eval_step, self.setup_, self.state["params"], self.state["model_state"], task,
-                split=cfg.eval_split, seq_len=cfg.seq_len, vocab=self.vocab, global_rows=self.eval_bs,
+                built.eval_step, built.setup, self.state["params"], self.state["model_state"], task,
+                split=cfg.eval_split, seq_len=cfg.seq_len, vocab=built.vocab, global_rows=built.eval_batch_size,
                 shard=self.eval_shard, max_batches=cfg.final_eval_batches if final else cfg.eval_batches,
-                prefix_batches=cfg.eval_batches if final else None)
+                prefix_batches=cfg.eval_batches if final else None, eval_data_dir=cfg.eval_data_dir)
             if final:
                 row.update({f"eval/{task}/{k}": v for k, v in full.items()})
                 if i == 0:
@@ -248,7 +195,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.setup()
-        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+        with self.built.context():
             start = self.restore()
             self.compile()
             if self.on_start is not None:

@@ -76,7 +76,7 @@ def parse_groups(param_groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Gro
 class ParamLabels:
     """The group label of every parameter, a pytree shaped like the parameters.
 
-    ``step.create_train_state`` / ``abstract_train_state`` fill it from the parameters' logical
+    ``step.train_state_spec`` fills it from the parameters' logical
     axes (``assign``) before the optimizer first sees them: the pure-array parameter trees the
     optimizer gets carry no metadata.
     """
@@ -91,7 +91,7 @@ class ParamLabels:
         del params
         if self.tree is None:
             raise ValueError("optimizer param_groups need each parameter's logical axes: build the train state with "
-                             "step.create_train_state or step.abstract_train_state (which assign them).")
+                             "step.train_state_spec (which assigns them).")
         return self.tree
 
 
@@ -143,6 +143,14 @@ def make_optimizer(
     were written with. With groups the optimizer state is one AdamW state per group
     (``optax.multi_transform``), so such a run restores only checkpoints written with groups.
     """
+    checks = {"warmup_steps": warmup_steps >= 0, "peak_lr": peak_lr > 0, "final_lr_fraction": final_lr_fraction >= 0,
+              "weight_decay": weight_decay >= 0, "b1": 0 <= b1 < 1, "b2": 0 <= b2 < 1, "eps": eps > 0,
+              "grad_clip_norm": grad_clip_norm is None or grad_clip_norm > 0}
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(f"optim.make_optimizer.{name}={locals()[name]!r} is out of range: warmup_steps ≥ 0, "
+                             "peak_lr > 0, final_lr_fraction ≥ 0, weight_decay ≥ 0, 0 ≤ b1, b2 < 1, eps > 0, "
+                             "grad_clip_norm > 0 or None.")
     schedule = lr_schedule(peak_lr, total_steps, warmup_steps, final_lr_fraction)
     global_clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     if param_groups is None:

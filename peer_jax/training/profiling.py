@@ -24,10 +24,7 @@ class StepProfiler:
         self.range = None
         if profile_steps is None or jax.process_index() != 0:
             return
-        first, last = (int(s) for s in profile_steps)
-        if not 1 <= first <= last:
-            raise ValueError(f"TrainConfig.profile_steps={tuple(profile_steps)}: use (first, last) with "
-                             "1 ≤ first ≤ last (1-based step numbers, inclusive).")
+        first, last = (int(s) for s in profile_steps)  # checked by training.build.validate
         self.range, self.num_steps = (first, last), num_steps
         self.logdir = os.path.join(str(workdir), "profile")
         if first - 1 <= start_step < last:

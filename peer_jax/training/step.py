@@ -5,7 +5,7 @@ the pytree `{"params", "model_state", "opt_state", "step", "expert_mass"}` where
 `model_state` holds non-trainable variables (query-BN running statistics) and `expert_mass`
 accumulates router-score mass per expert for every PEER/PKM layer between log steps.
 Parameters are created already sharded: the initialiser is jitted with `out_shardings`
-derived from the logical axis names on each variable.
+derived from the logical axis names on each variable (`train_state_spec`).
 """
 
 from __future__ import annotations
@@ -72,31 +72,10 @@ def group_labels(abstract_params: nnx.State) -> dict:
                               abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def init_model_state(model_factory, vocab_size: int, seed: int, mesh, rules):
-    """Builds the model with every variable created directly in its sharding.
-
-    Returns (graphdef, params, model_state, param_shardings, model_state_shardings, group_labels).
-    """
-    def build():
-        return model_factory(vocab_size, rngs=nnx.Rngs(params=seed))
-
-    with nnx.logical_axis_rules(rules):
-        abstract = nnx.eval_shape(build)
-        graphdef, abs_params, abs_rest = _split(abstract)
-        p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
-        r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
-
-        def init():
-            _, p, r = _split(build())
-            return _pure(p), _pure(r)
-
-        params, rest = jax.jit(init, out_shardings=(p_shard, r_shard))()
-    return graphdef, params, rest, p_shard, r_shard, group_labels(abs_params)
-
-
-def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
-    """Shardings of the optimizer state: a leaf that mirrors a parameter (same key-path suffix and
-    shape, e.g. Adam's mu/nu) gets that parameter's sharding, anything else is replicated.
+def optimizer_shardings(opt_state, params, param_shardings, mesh):
+    """Shardings of the optimizer state (`opt_state`: its shapes): a leaf that mirrors a
+    parameter (same key-path suffix and shape, e.g. Adam's mu/nu) gets that parameter's
+    sharding, anything else is replicated.
 
     Letting the compiler choose from `jax.jit(tx.init)` replicates the moments, because
     `zeros_like(params)` carries no data dependence on the parameters' layout.
@@ -114,7 +93,7 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sharding
                 return hit[1]
         return replicated
 
-    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, tuple[int, ...]]:
@@ -133,62 +112,86 @@ def probe_expert_mass(graphdef, params, model_state, seq_len: int) -> dict[str, 
     return {k: v.shape for k, v in out.items() if k.endswith("expert_mass")}
 
 
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """A train state described before it exists.
+
+    `abstract` is the state as ShapeDtypeStructs carrying their shardings (what a checkpoint
+    is restored into, and what an ahead-of-time compile lowers against); `init()` creates the
+    real state, every array directly in its sharding (a jitted initialiser with
+    `out_shardings`); `labels` is each parameter's optimizer group.
+    """
+
+    setup: ModelSetup
+    abstract: TrainState
+    shardings: TrainState
+    labels: dict
+    init: Any
+
+
+def train_state_spec(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, seed: int,
+                     mesh, rules) -> StateSpec:
+    """The train state of `model_factory(vocab_size)` and `tx`, with parameters initialised from
+    `seed` and the optimizer state sharded like the parameters.
+
+    One initialiser defines the state: `jax.eval_shape` of it gives the shapes, the logical axis
+    names on the model's variables the shardings, and the same initialiser jitted with those
+    `out_shardings` the arrays. A grouped optimizer (``optim.make_optimizer(param_groups=...)``)
+    gets its parameter labels here, before the optimizer first sees the parameters.
+    """
+    def build_model():
+        return model_factory(vocab_size, rngs=nnx.Rngs(params=seed))
+
+    with nnx.logical_axis_rules(rules):
+        graphdef, abs_params, abs_rest = _split(nnx.eval_shape(build_model))
+        p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
+        r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
+    labels = group_labels(abs_params)
+    optim.assign_groups(tx, labels)
+    masses = probe_expert_mass(graphdef, _pure(abs_params), _pure(abs_rest), min(seq_len, 8))
+
+    def init() -> TrainState:
+        with nnx.logical_axis_rules(rules):
+            _, params, rest = _split(build_model())
+        params, rest = _pure(params), _pure(rest)
+        return {
+            "params": params,
+            "model_state": rest,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "expert_mass": {k: jnp.zeros(s, jnp.float32) for k, s in masses.items()},
+        }
+
+    shapes = jax.eval_shape(init)
+    replicated = NamedSharding(mesh, P())
+    shardings = {
+        "params": p_shard,
+        "model_state": r_shard,
+        "opt_state": optimizer_shardings(shapes["opt_state"], shapes["params"], p_shard, mesh),
+        "step": replicated,
+        "expert_mass": {k: replicated for k in masses},
+    }
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    abstract = {k: jax.tree.map(sds, shapes[k], shardings[k]) for k in shardings}  # keys in the order above
+    return StateSpec(ModelSetup(graphdef, mesh, rules, masses), abstract, shardings, labels,
+                     jax.jit(init, out_shardings=shardings))
+
+
 def create_train_state(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, seed: int,
                        mesh, rules) -> tuple[ModelSetup, TrainState, TrainState]:
-    """(setup, state, state_shardings) with the optimizer state sharded like the parameters.
-
-    A grouped optimizer (``optim.make_optimizer(param_groups=...)``) gets its parameter labels here.
-    """
-    graphdef, params, rest, p_shard, r_shard, labels = init_model_state(model_factory, vocab_size, seed, mesh, rules)
-    optim.assign_groups(tx, labels)
-    opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-    masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
-    state = _assemble(params, rest, opt_state, masses, mesh,
-                      lambda shape, dtype, s: jax.device_put(jnp.zeros(shape, dtype), s))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    shardings["params"], shardings["model_state"] = p_shard, r_shard
-    return ModelSetup(graphdef, mesh, rules, masses), state, shardings
-
-
-def _assemble(params, model_state, opt_state, masses: dict, mesh, zeros) -> TrainState:
-    """The train state pytree; `zeros(shape, dtype, sharding)` makes the step counter and the
-    expert-mass accumulators (arrays, or ShapeDtypeStructs for an abstract state)."""
-    replicated = NamedSharding(mesh, P())
-    return {
-        "params": params,
-        "model_state": model_state,
-        "opt_state": opt_state,
-        "step": zeros((), jnp.int32, replicated),
-        "expert_mass": {k: zeros(s, jnp.float32, replicated) for k, s in masses.items()},
-    }
-
-
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+    """(setup, state, state_shardings): `train_state_spec`'s state, created."""
+    spec = train_state_spec(model_factory, tx, vocab_size, seq_len, seed, mesh, rules)
+    return spec.setup, spec.init(), spec.shardings
 
 
 def abstract_train_state(model_factory, tx: optax.GradientTransformation, vocab_size: int, seq_len: int, mesh,
                          rules) -> tuple[ModelSetup, TrainState, TrainState]:
-    """Like `create_train_state` but allocates nothing: (setup, ShapeDtypeStruct state, shardings).
+    """(setup, ShapeDtypeStruct state, shardings): `train_state_spec`'s state, nothing allocated."""
+    spec = train_state_spec(model_factory, tx, vocab_size, seq_len, 0, mesh, rules)
+    return spec.setup, spec.abstract, spec.shardings
 
-    Used to restore a checkpoint straight into its shardings (eval, AOT compilation).
-    """
-    with nnx.logical_axis_rules(rules):
-        abstract = nnx.eval_shape(lambda: model_factory(vocab_size, rngs=nnx.Rngs(0)))
-        graphdef, abs_params, abs_rest = _split(abstract)
-        p_shard = _pure(sharding.state_shardings(abs_params, mesh, rules))
-        r_shard = _pure(sharding.state_shardings(abs_rest, mesh, rules))
-    optim.assign_groups(tx, group_labels(abs_params))
-    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    params = jax.tree.map(sds, _pure(abs_params), p_shard)
-    rest = jax.tree.map(sds, _pure(abs_rest), r_shard)
-    opt_shard = optimizer_shardings(tx, params, p_shard, mesh)
-    opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), opt_shard)
-    masses = probe_expert_mass(graphdef, params, rest, min(seq_len, 8))
-    state = _assemble(params, rest, opt_state, masses, mesh,
-                      lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    return ModelSetup(graphdef, mesh, rules, masses), state, shardings
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
@@ -288,7 +291,7 @@ def jit_eval_step(eval_fn, state_shardings, setup: ModelSetup):
 def host_batch(batch: dict[str, np.ndarray], setup: ModelSetup, global_rows: int | None = None) -> dict[str, jax.Array]:
     """Places this process's block of a batch on the mesh (one process: a plain sharded device_put).
 
-    With several processes `batch` holds this process's rows (see `multihost.batch_rows`) and
+    With several processes `batch` holds this process's rows (see `multihost.process_row_block`) and
     `global_rows` is the global batch size.
     """
     data = batch_sharding(setup.mesh, setup.rules)
