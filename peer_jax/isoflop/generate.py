@@ -137,7 +137,9 @@ def model_vocab_size(cfg, spm_vocab_size: int | None = None) -> int:
         raise ValueError("a SentencePiece vocabulary needs spm_vocab_size (the grid's vocab_size)")
     else:
         size = spm_vocab_size
-    return -(-size // cfg.vocab_multiple) * cfg.vocab_multiple
+    from peer_jax.training.build import model_vocab_size as rounded
+
+    return rounded(cfg, size)
 
 
 def measure_point(grid, method, shape, budget: float, cache: dict | None = None) -> tuple[dict, str]:
