@@ -27,8 +27,9 @@ steps) on the paper's 2e19 L16 d1280 h20 shapes (vocab 32000, scanned layers, th
 the middle block), bfloat16 parameters and compute, parameters filled with hashed uniform
 values of the initialisers' scales (no random-number generation over 2.7·10⁹ entries): batch
 1 and 64, prompts of ``--prompt_len`` tokens, ``--new_tokens`` new tokens. Each (model, batch)
-case runs in its own subprocess (peak memory: one model); ``generate`` is called once to
-compile and once timed, minus the compile time JAX reports for that call (jax.monitoring).
+case runs in its own subprocess (peak memory: one model), with the system allocator unless
+``$PEER_JAX_MALLOC`` says otherwise; ``generate`` is called once to compile and once timed,
+minus the compile time JAX reports for that call (jax.monitoring).
 
 Writes the table to stdout and JSON to ``--out``; ``uptime`` before and after is recorded.
 """
@@ -52,7 +53,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from peer_jax import runtime  # noqa: E402
 
-runtime.configure_malloc("tuned")  # before JAX starts its threads (see peer_jax/runtime.py)
+runtime.configure_malloc()  # $PEER_JAX_MALLOC or auto (tuned on CPU), before JAX starts its threads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -229,8 +230,9 @@ def layer_group(group: str, repeats: int) -> dict:
     return out
 
 
-def _subprocess_json(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+def _subprocess_json(args: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"error": f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-600:]}
@@ -307,18 +309,22 @@ def model_case(ffw: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
     timed = wall - compile_s
     return {"ffw": ffw, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "tokens": n,
             "wall_s": wall, "compile_s_subtracted": compile_s, "first_call_s": first,
-            "tokens_per_s": n / timed, "dtype": "bfloat16 params and compute",
+            "tokens_per_s": n / timed, "dtype": "bfloat16 params and compute", "malloc": runtime.configure_malloc(),
             "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
 def model_level(prompt_len: int, new_tokens: int, common: list[str]) -> list[dict]:
+    # Each one-token step of a bf16 model allocates a fresh float32 copy of its weights (1.5 GB
+    # of temporaries for the dense model); the tuned allocator, which never returns memory, let
+    # the RSS of one case climb past 14 GB. The system allocator hands it back after each step.
+    env = {"PEER_JAX_MALLOC": os.environ.get("PEER_JAX_MALLOC", "system")}
     out = []
     for batch in (1, 64):
         for ffw in ("dense", "peer", "pkm"):
             r = {"ffw": ffw, "batch": batch, **_subprocess_json(
                 ["--model_case", ffw, "--batch", str(batch), "--prompt_len", str(prompt_len),
-                 "--new_tokens", str(new_tokens), *common])}
+                 "--new_tokens", str(new_tokens), *common], env)}
             dense = next((d for d in out if d["ffw"] == "dense" and d["batch"] == batch and "tokens_per_s" in d), None)
             if dense and "tokens_per_s" in r:
                 r["vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 
-# Decode steps up to batch 256 and prefills up to 256 tokens take the gather path. The rows it
-# keeps, 2·M·h·k·d values (PEER at paper size: 335 MB in float32 at M = 256), stay small
-# next to the 10.7 GB tables; longer evals keep the training path's O(M·d) temporaries.
+# Decode steps up to batch 256 and prefills up to 256 tokens take the gather path: on XLA:CPU
+# it is the only usable path for bfloat16 tables (above), while on float32 tables the two paths
+# stay within a few tens of percent of each other up to batch 64 either way (docs/inference.md).
+# The rows it keeps, 2·M·h·k·d values (PEER at paper size: 335 MB in float32 at M = 256), stay
+# small next to the tables; longer evals keep the training path's O(M·d) temporaries.
 DEFAULT_MAX_TOKENS = 256
 
 
