@@ -1,6 +1,6 @@
 """What a decoded token costs: PEER and PKM against the dense FFW they replace, at paper size.
 
-  python benchmarks/decode.py                      # layer and model level, ~15 min on 2 CPU cores
+  python benchmarks/decode.py                      # layer and model level, ~6 min on 2 CPU cores
   python benchmarks/decode.py --skip_model --repeats 5
 
 **Layer level.** One eval-mode forward of one layer (query BatchNorm on running statistics)
