@@ -21,6 +21,7 @@ from peer_jax import backends
 from peer_jax import sharding as shd
 from peer_jax.layers import activations
 from peer_jax.layers import expert_compute as ec
+from peer_jax.layers import expert_decode
 from peer_jax.layers import expert_tables as tables
 from peer_jax.layers import intermediates
 from peer_jax.layers.cost import FFWCount
@@ -62,6 +63,9 @@ class PEER(nnx.Module):
         device (``lax.map`` over sequence positions), so its ``[tokens, h, √N]`` score arrays and
         their gradients exist one chunk at a time (4·h·√N floats per token otherwise); None
         searches all tokens at once. Same results.
+      decode_gather_max_tokens: in eval mode, a lookup over at most this many tokens (per
+        device) gathers all its h·k rows at once instead of running ``compute``'s slot loop
+        (``layers/expert_decode.py``: decode steps, short prefills); 0 never does.
       bn_momentum, bn_epsilon: query BatchNorm settings (flax defaults).
       table_init, key_init: override initialisers of u/v and of the sub-keys.
     """
@@ -87,6 +91,7 @@ class PEER(nnx.Module):
         slot_block: int = 1,
         approx_topk: bool = False,
         route_chunk_tokens: int | None = 512,
+        decode_gather_max_tokens: int = expert_decode.DEFAULT_MAX_TOKENS,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-5,
         table_init=None,
@@ -101,13 +106,15 @@ class PEER(nnx.Module):
         ops = backends.ops(compute, owner="PEER", dtype=dtype, param_dtype=param_dtype)
         if slot_block < 1:
             raise ValueError(f"PEER slot_block={slot_block} must be ≥ 1.")
+        expert_decode.check_max_tokens("PEER", decode_gather_max_tokens)
 
         self.d_model, self.num_experts = d_model, num_experts
         self.activation, self.compute, self.sharded_lookup = activation, compute, sharded_lookup
-        self.ops = ops
+        self.ops, self.gather_ops = ops, backends.ops("naive", owner="PEER", dtype=dtype, param_dtype=param_dtype)
         self.lookup = tables.TableLookup("PEER", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.decode_gather_max_tokens = decode_gather_max_tokens
 
         # Parameter keys are drawn in the order u, v, router (sub-keys, query, BN): the order
         # the layer has always used, so a seed gives the same initial values as before.
@@ -132,13 +139,15 @@ class PEER(nnx.Module):
 
     # ------------------------------------------------------------------ experts
 
-    def _experts(self, x, tabs, idx, g, reduce) -> jax.Array:
+    def _experts(self, x, tabs, idx, g, reduce, gather=False) -> jax.Array:
         """``Σ_s g_s · σ(u_sᵀx) · v_s`` on one column slice of the tables (``TableLookup``);
-        ``reduce`` completes ``u_sᵀx`` over the slices."""
+        ``reduce`` completes ``u_sᵀx`` over the slices. ``gather``: one gather of all rows (the
+        decode path of ``expert_decode``) instead of the layer's own ops."""
         u, v = tabs
-        a = reduce(self.ops.gather_dot(x, u, idx, dtype=self.dtype, block=self.slot_block))  # [tokens, h·k]: u_iᵀx
+        ops = self.gather_ops if gather else self.ops
+        a = reduce(ops.gather_dot(x, u, idx, dtype=self.dtype, block=self.slot_block))  # [tokens, h·k]: u_iᵀx
         coef = g.astype(jnp.float32) * activations.elementwise(self.activation)(a)
-        return self.ops.embedding_bag(v, idx, coef, dtype=self.dtype, block=self.slot_block)
+        return ops.embedding_bag(v, idx, coef, dtype=self.dtype, block=self.slot_block)
 
     # ------------------------------------------------------------------ call
 
@@ -154,7 +163,8 @@ class PEER(nnx.Module):
         g, idx = self.router(x, mask=mask, train=train)
         intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
         s = self.heads * self.top_k
-        out = self.lookup(self._experts, (self.u[...], self.v[...]), idx.reshape(*x.shape[:2], s),
+        read_out = expert_decode.select(self._experts, train=train, max_tokens=self.decode_gather_max_tokens)
+        out = self.lookup(read_out, (self.u[...], self.v[...]), idx.reshape(*x.shape[:2], s),
                           g.reshape(*x.shape[:2], s), x, out_dtype=x.dtype)
         return shd.constrain(out, ("batch", "length", "embed"))
 

@@ -20,6 +20,7 @@ from flax import nnx
 from peer_jax import backends
 from peer_jax import sharding as shd
 from peer_jax.layers import expert_compute as ec
+from peer_jax.layers import expert_decode
 from peer_jax.layers import expert_tables as tables
 from peer_jax.layers import intermediates
 from peer_jax.layers.cost import FFWCount
@@ -54,6 +55,7 @@ class PKM(nnx.Module):
         slot_block: int = 1,
         approx_topk: bool = False,
         route_chunk_tokens: int | None = 512,
+        decode_gather_max_tokens: int = expert_decode.DEFAULT_MAX_TOKENS,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-5,
         table_init=None,
@@ -64,12 +66,15 @@ class PKM(nnx.Module):
         ops = backends.ops(compute, owner="PKM", dtype=dtype, param_dtype=param_dtype)
         if slot_block < 1:
             raise ValueError(f"PKM slot_block={slot_block} must be ≥ 1.")
+        expert_decode.check_max_tokens("PKM", decode_gather_max_tokens)
 
         self.d_model, self.num_experts = d_model, num_experts
         self.compute, self.sharded_lookup, self.ops = compute, sharded_lookup, ops
+        self.gather_ops = backends.ops("naive", owner="PKM", dtype=dtype, param_dtype=param_dtype)
         self.lookup = tables.TableLookup("PKM", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.decode_gather_max_tokens = decode_gather_max_tokens
 
         # Keys drawn in the order values, router (sub-keys, query, BN), as always.
         init = table_init or tables.default_table_init(d_model)
@@ -90,12 +95,14 @@ class PKM(nnx.Module):
     def top_k(self) -> int:
         return self.router.top_k
 
-    def _read(self, x, tabs, idx, g, reduce) -> jax.Array:
+    def _read(self, x, tabs, idx, g, reduce, gather=False) -> jax.Array:
         """``Σ_s g_s · m_s`` on one column slice of the table (``TableLookup``); no sum crosses
-        the slices, so ``x`` and ``reduce`` are unused."""
+        the slices, so ``x`` and ``reduce`` are unused. ``gather``: one gather of all rows (the
+        decode path of ``expert_decode``) instead of the layer's own ops."""
         del x, reduce
         (values,) = tabs
-        return self.ops.embedding_bag(values, idx, g.astype(jnp.float32), dtype=self.dtype, block=self.slot_block)
+        ops = self.gather_ops if gather else self.ops
+        return ops.embedding_bag(values, idx, g.astype(jnp.float32), dtype=self.dtype, block=self.slot_block)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
         """``[B, T, d_model] -> [B, T, d_model]`` in ``x.dtype`` (``mask`` as in PEER)."""
@@ -104,7 +111,8 @@ class PKM(nnx.Module):
         g, idx = self.router(x, mask=mask, train=train)
         intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
         s = self.heads * self.top_k
-        out = self.lookup(self._read, (self.values[...],), idx.reshape(*x.shape[:2], s), g.reshape(*x.shape[:2], s),
+        read_out = expert_decode.select(self._read, train=train, max_tokens=self.decode_gather_max_tokens)
+        out = self.lookup(read_out, (self.values[...],), idx.reshape(*x.shape[:2], s), g.reshape(*x.shape[:2], s),
                           out_dtype=x.dtype)
         return shd.constrain(out, ("batch", "length", "embed"))
 
