@@ -37,7 +37,8 @@ def test_profiler_traces_the_step_range(tmp_path):
     assert list((tmp_path / "profile").rglob("*.xplane.pb"))
 
 
-def test_profiler_off_and_bad_ranges(tmp_path):
-    StepProfiler(None, tmp_path, start_step=0, num_steps=5).after_step(1)
-    with pytest.raises(ValueError, match="profile_steps"):
-        StepProfiler((3, 2), tmp_path, start_step=0, num_steps=5)
+def test_profiler_off_is_a_no_op(tmp_path):
+    # Bad ranges are refused before anything compiles (training.build.validate, tests/test_build.py).
+    prof = StepProfiler(None, tmp_path, start_step=0, num_steps=5)
+    prof.after_step(1)
+    assert not prof.active and not (tmp_path / "profile").exists()
