@@ -1,13 +1,15 @@
 """What a decoded token costs: PEER and PKM against the dense FFW they replace, at paper size.
 
   python benchmarks/decode.py                      # layer and model level, ~6 min on 2 CPU cores
-  python benchmarks/decode.py --skip_model --repeats 5
+  python benchmarks/decode.py --skip_model          # layer level only
 
 **Layer level.** One eval-mode forward of one layer (query BatchNorm on running statistics)
 over ``[batch, 1, d]`` (a decode step) at batch 1, 8 and 64: PEER (d = 1280, N = 1024², h = 8,
 k = 16, d_key = 128), PKM (configs/models/pkm.gin: N = 1024², h = 8, k = 32, d_key = 128) and
 the dense FFW (d = 1280, hidden 4·d). Each layer is timed on its default path (for PEER/PKM:
-the decode gather of ``layers/expert_decode.py``) and, for PEER/PKM, on the training read-out
+the decode path of ``layers/expert_decode.py``, whose table reads are the token-centric native
+kernels where they build, ``backends.decode_ops``) and, for PEER/PKM, on the decode path with
+the XLA gather instead of those kernels and on the training read-out
 (``decode_gather_max_tokens=0``) with ``compute='efficient'`` and ``'native'``. Latency is the
 median over ``--repeats`` rounds; within a round every candidate of a group runs once, in turn
 (interleaved), so load changes hit all of them alike. Groups, each holding the dense FFW too so
@@ -60,6 +62,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from peer_jax import backends  # noqa: E402
 from peer_jax.layers.dense import DenseFFW  # noqa: E402
 from peer_jax.layers.peer import PEER  # noqa: E402
 from peer_jax.layers.pkm import PKM  # noqa: E402
@@ -152,14 +155,23 @@ def build_group(kind: str, dtype) -> dict:
     gdef, abstract = nnx.split(dense_abs)
     out = {"dense": ("dense", gdef, filled_state(abstract))}
     for layer in (["peer", "pkm"] if kind == "both" else [kind]):
-        variants = {f"{layer} decode gather (default)": {}}
+        # The default decode path: the native token-centric kernels where they build here, else
+        # the XLA gather (backends.decode_ops); the XLA gather is also timed on its own.
+        default = "native kernels" if backends.decode_ops() is backends.DECODE_NATIVE else "XLA gather"
+        variants = {f"{layer} decode {default} (default)": {}}
+        if default != "XLA gather":
+            variants[f"{layer} decode XLA gather"] = dict(gather_ops=backends.ops("naive"))
         if dtype == jnp.float32:
             variants[f"{layer} efficient"] = dict(decode_gather_max_tokens=0)
             variants[f"{layer} native"] = dict(decode_gather_max_tokens=0, compute="native")
         state = None
         for vname, kw in variants.items():
+            kw = dict(kw)
+            gather_ops = kw.pop("gather_ops", None)
             model = nnx.eval_shape(lambda layer=layer, kw=kw: LAYERS[layer](
                 D, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, **PAPER[layer], **kw))
+            if gather_ops is not None:  # the decode path's table reads, swapped before splitting
+                model.gather_ops = gather_ops
             gdef, abstract = nnx.split(model)
             state = filled_state(abstract) if state is None else state
             out[vname] = (layer, gdef, state)
@@ -199,7 +211,7 @@ def time_group(cands: dict, dtype, repeats: int) -> list[dict]:
 def bf16_training_path_temp() -> dict:
     """Compiled temporaries of PEER's training read-out on bfloat16 tables (compiled, not run)."""
     out = {}
-    for max_tokens, label in ((0, "efficient"), (256, "decode gather")):
+    for max_tokens, label in ((0, "efficient"), (256, "decode path")):
         g, abstract = nnx.split(nnx.eval_shape(lambda m=max_tokens: PEER(
             D, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, decode_gather_max_tokens=m,
             **PAPER["peer"])))

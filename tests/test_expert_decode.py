@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from peer_jax import sample
+from peer_jax import backends, native, sample
 from peer_jax import sharding as shd
 from peer_jax.layers.peer import PEER
 from peer_jax.layers.pkm import PKM
@@ -29,6 +29,9 @@ LAYERS = {"peer": PEER, "pkm": PKM}
 # The training read-out in a jaxpr: the slot loops of 'efficient' (the product-key search runs
 # unchunked at these sizes, so it adds no scan), the C++ bag kernel of 'native'.
 LOOP = {"efficient": "scan", "native": "peer_jax_embedding_bag"}
+# The decode path's table reads on CPU: the token-centric C++ kernels where they build, else the
+# XLA gather (backends.decode_ops).
+NATIVE_DECODE = native.available()
 
 
 def make(layer: str, **kw):
@@ -80,7 +83,39 @@ def test_decode_path_equals_training_read_out(layer, compute, shape):
     got, jaxpr = forward_and_grads(make(layer, compute=compute), x, mask)
     want, ref_jaxpr = forward_and_grads(make(layer, compute=compute, decode_gather_max_tokens=0), x, mask)
     assert LOOP[compute] not in jaxpr and LOOP[compute] in ref_jaxpr
+    assert ("peer_jax_decode_bag" in jaxpr) == NATIVE_DECODE
     assert_trees_close(got, want)
+
+
+@pytest.mark.skipif(not NATIVE_DECODE, reason="no C++ compiler: the decode path uses the XLA gather")
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layer", ["peer", "pkm"])
+def test_native_decode_kernels_equal_the_xla_gather(layer, param_dtype):
+    """The decode path with the C++ kernels against the same path with the XLA gather and einsum
+    (backends.ops('naive')) computing in float32, on float32 and bfloat16 tables (which the
+    kernels read as stored): outputs, padding rows included, and gradients (the kernels' VJP is
+    the gather's)."""
+    x, mask = inputs(4, 1)
+    model = make(layer, param_dtype=param_dtype)
+    ref = make(layer, param_dtype=param_dtype)
+    assert model.gather_ops is backends.DECODE_NATIVE
+    ref.gather_ops = backends.ops("naive")
+    got, jaxpr = forward_and_grads(model, x, mask)
+    want, ref_jaxpr = forward_and_grads(ref, x, mask)
+    assert "peer_jax_decode_bag" in jaxpr and "peer_jax_decode_bag" not in ref_jaxpr
+    assert_trees_close(got, want)
+
+
+def test_decode_ops_fall_back_to_the_xla_gather(monkeypatch):
+    """Off CPU, or where the native kernels do not build, the decode path gathers with XLA."""
+    with backends.use("portable"):
+        assert backends.decode_ops().name == "naive/portable"
+    monkeypatch.setattr(backends, "_native_builds", lambda: False)
+    assert backends.decode_ops().name == "naive/cpu"
+    model = make("pkm")
+    assert model.gather_ops.name == "naive/cpu"
+    x, mask = inputs(4, 1)
+    assert "peer_jax_decode_bag" not in forward_and_grads(model, x, mask)[1]
 
 
 @pytest.mark.parametrize("layer", ["peer", "pkm"])

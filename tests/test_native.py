@@ -54,12 +54,30 @@ def test_kernels_match_numpy(seed, grouped):
     assert not np.asarray(got[2])[n // 2:].any()  # rows nobody was routed to: exactly zero
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,s,d", [(37, 5, 33), (1, 16, 1280), (3, 7, 200)])
+def test_decode_kernels_match_numpy(dtype, m, s, d):
+    """The token-centric decode kernels on float32 and bfloat16 tables (widened per element in the
+    kernel) against float64 numpy on the same stored values: duplicate rows (token 0 reads one row
+    in every slot), odd d (SIMD tails), one token whose columns are split over the threads."""
+    x, table, idx, w = _case(5, m=m, s=s, d=d)
+    table = jnp.asarray(table, dtype)
+    rows = np.asarray(table.astype(jnp.float32)).astype(np.float64)[idx]
+    dot = np.einsum("md,msd->ms", x.astype(np.float64), rows)
+    bag = np.einsum("ms,msd->md", w.astype(np.float64), rows)
+    got = jax.jit(lambda x, t, i, w: (native.decode_gather_dot(x, t, i), native.decode_bag(t, i, w)))(x, table, idx, w)
+    for g, want in zip(got, (dot, bag)):
+        assert g.dtype == jnp.float32 and g.shape == want.shape
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_are_deterministic():
     x, table, idx, w = _case(2, m=300, s=16, n=4096, d=64)
     f = jax.jit(lambda x, t, i, w: (native.gather_dot(x, t, i), native.embedding_bag(t, i, w),
                                     native.scatter_outer(i, w, x, t.shape[0]),
                                     native.embedding_bag(t, i, w, native.group_by_row(i, t.shape[0])),
-                                    native.scatter_outer(i, w, x, t.shape[0], native.group_by_row(i, t.shape[0]))))
+                                    native.scatter_outer(i, w, x, t.shape[0], native.group_by_row(i, t.shape[0])),
+                                    native.decode_gather_dot(x, t, i), native.decode_bag(t, i, w)))
     a, b = f(x, table, idx, w), f(x, table, idx, w)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
@@ -98,7 +116,8 @@ def test_out_of_range_index_is_an_error_not_a_wild_write():
     n = table.shape[0]
     for fn in (lambda: native.gather_dot(x, table, bad), lambda: native.embedding_bag(table, bad, w),
                lambda: native.scatter_outer(bad, w, x, n),  # small-table kernels: checked in the kernel
-               lambda: native.scatter_outer(bad, w, x, n, native.group_by_row(bad, n))):
+               lambda: native.scatter_outer(bad, w, x, n, native.group_by_row(bad, n)),
+               lambda: native.decode_gather_dot(x, table, bad), lambda: native.decode_bag(table, bad, w)):
         with pytest.raises(Exception, match="index out of range"):
             jax.block_until_ready(jax.jit(fn)())
 

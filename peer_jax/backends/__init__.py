@@ -21,6 +21,11 @@ native       cpu only    custom VJP, ``xᵀ @ g``        C++ kernel, sparse VJP 
 * ``cpu`` (``backends/cpu.py``): XLA:CPU-specific forms of the same maths (same values), and
   the native C++ kernels of ``peer_jax.native``.
 
+The decode path of the layers (``layers/expert_decode.py``: eval mode, few tokens) reads its
+tables through a second set, ``decode_ops()``, taken by the layer when built: on the ``cpu``
+backend, where the native kernels build, ``DECODE_NATIVE`` (token-centric C++ kernels, float32
+or bfloat16 tables, the gather's gradient), else ``ops('naive')`` (one XLA gather + einsum).
+
 The backend is ``cpu`` when the platform being compiled for is CPU, else ``portable``. That
 platform is read when the layer is built (``platform()``: the devices of the mesh in context,
 else JAX's default backend), so a model compiled ahead of time for another platform (a TPU
@@ -32,12 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peer_jax import native as native_kernels
 from peer_jax.backends import cpu, portable
 from peer_jax.layers import expert_compute as ec
 from peer_jax.layers import product_keys as pk
@@ -78,6 +85,23 @@ class Ops:
         return ec.embedding_bag(table, idx, w, np.dtype(dtype), block, self.kernels)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeOps(Ops):
+    """``Ops`` whose table reads are the CPU backend's token-centric decode kernels
+    (``backends/cpu.py``: float32 sums on float32 or bfloat16 tables; ``dtype`` and ``block`` do
+    not apply). What ``decode_ops`` returns on CPU."""
+
+    def gather_dot(self, x, table, idx, *, dtype, block):
+        del dtype, block
+        return cpu.decode_gather_dot(x, table, idx)
+
+    def embedding_bag(self, table, idx, w, *, dtype, block):
+        del dtype, block
+        return cpu.decode_bag(table, idx, w)
+
+
+DECODE_NATIVE = DecodeOps("decode-native/cpu", cpu.project, pk.product_key_topk, None)
+
 OPS = {
     ("naive", "portable"): Ops("naive/portable", portable.project, pk.product_key_topk, None),
     ("efficient", "portable"): Ops("efficient/portable", portable.project, pk.product_key_topk, portable.KERNELS),
@@ -116,6 +140,22 @@ def ops(compute: str = "efficient", platform_name: str | None = None, *, owner: 
         raise ValueError(f"{owner} compute={compute!r} runs on CPU only, and this is built for "
                          f"{platform_name or platform()} (backend {name!r}); use compute='efficient'.")
     return OPS[compute, name]
+
+
+@functools.cache
+def _native_builds() -> bool:
+    return native_kernels.available()
+
+
+def decode_ops(platform_name: str | None = None, *, owner: str = "layer", dtype=jnp.float32,
+               param_dtype=jnp.float32) -> Ops:
+    """The ``gather_dot`` / ``embedding_bag`` of the decode path (``layers/expert_decode.py``):
+    on the ``cpu`` backend, where the native kernels build, ``DECODE_NATIVE`` (each pair reads its
+    row from the table, no ``[M·h·k, d]`` gather, any table size, float32 or bfloat16 tables);
+    elsewhere, or without a C++ compiler, ``ops('naive')``: one XLA gather of all rows + einsum."""
+    if backend(platform_name) == "cpu" and _native_builds():
+        return DECODE_NATIVE
+    return ops("naive", platform_name, owner=owner, dtype=dtype, param_dtype=param_dtype)
 
 
 @contextlib.contextmanager

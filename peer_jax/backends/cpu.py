@@ -136,6 +136,52 @@ def scatter_outer(idx, w, y, num_rows, out_dtype, block, groups=None):
 NATIVE_KERNELS = ec.Kernels(dot=gather_dot, bag=embedding_bag, scatter=scatter_outer, group_by_row=group_by_row)
 
 
+# ----------------------------------------------------------------------------- decode kernels
+# The decode path's table reads (layers/expert_decode.py) as the token-centric C++ kernels: each
+# (token, slot) pair reads its row straight from the float32 or bfloat16 table, no grouping by
+# row, no [M·S, d] gathered copy. Sums are float32 on the stored values (the compute dtype does
+# not apply). The decode path is for inference; its gradient is the plain-gather reference's
+# (expert_compute.*_naive in float32), so a grad through it is exact, just not fast.
+
+
+def _with_reference_grad(kernel, reference):
+    """``kernel(*args)`` in the forward pass, the VJP of ``reference(*args)`` in the backward;
+    integer arguments (the indices) get no cotangent."""
+
+    @jax.custom_vjp
+    def f(*args):
+        return kernel(*args)
+
+    def fwd(*args):
+        return kernel(*args), args
+
+    def bwd(args, g):
+        diff = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
+
+        def ref(*values):
+            full = list(args)
+            for i, v in zip(diff, values):
+                full[i] = v
+            return reference(*full)
+
+        cts = dict(zip(diff, jax.vjp(ref, *(args[i] for i in diff))[1](g)))
+        return tuple(cts.get(i) for i in range(len(args)))
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+# float32 [M, S]: <x[m], table[idx[m, s]]>.
+decode_gather_dot = _with_reference_grad(
+    lambda x, table, idx: vary_like(native_kernels.decode_gather_dot(x, table, idx), x, table, idx),
+    lambda x, table, idx: ec.expert_dot_naive(x, table, idx, jnp.float32))
+
+# float32 [M, d]: sum_s w[m, s] · table[idx[m, s]].
+decode_bag = _with_reference_grad(
+    lambda table, idx, w: vary_like(native_kernels.decode_bag(table, idx, w), table, idx, w),
+    lambda table, idx, w: ec.embedding_bag_naive(table, idx, w, jnp.float32))
+
+
 # ----------------------------------------------------------------------------- product-key selection
 
 

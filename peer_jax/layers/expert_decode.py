@@ -6,14 +6,16 @@ of each token in a ``lax.scan`` under a custom VJP, so that the backward pass ne
 there, the loop's h·k sequential small gathers are pure overhead, and on XLA:CPU a loop over a
 bfloat16 table is far worse: the compiler hoists the float32 up-cast of the *whole* table out
 of the loop (two 1024²×1280 float32 copies, 10.7 GB of temporaries per PEER call at paper size,
-read from the compiled ``memory_analysis``). Here all ``M · h·k`` rows of each table are
-gathered by one gather and contracted by one einsum: no loop, no custom VJP.
-
-It is the plain gather form of the backend ops (``backends.ops('naive')``), taken automatically by
-the layers in eval mode (``train=False``) when the lookup's local token count ``M`` is at most
-``decode_gather_max_tokens``: decode steps of up to that many rows, and short prefills. Meant for
-inference, but not wrong under a gradient: plain autodiff of a gather is exact; it keeps the
-gathered rows (``2·M·h·k·d`` values for PEER), which the token bound keeps small.
+read from the compiled ``memory_analysis``). Here all ``M · h·k`` rows of each table are read
+at once, with no slot loop: the layer's ``gather_ops`` (``backends.decode_ops``), which on CPU,
+where the native kernels build, are token-centric C++ kernels (each token's rows read straight
+from the float32 or bfloat16 table, no gathered copy; their gradient is the gather's), and
+elsewhere the plain gather form of the backend ops (``backends.ops('naive')``: one XLA gather
+of all rows and one einsum). Taken automatically by the layers in eval mode (``train=False``)
+when the lookup's local token count ``M`` is at most ``decode_gather_max_tokens``: decode steps
+of up to that many rows, and short prefills. Meant for
+inference, but not wrong under a gradient: the gradient is the plain gather's (exact); it keeps
+the gathered rows (``2·M·h·k·d`` values for PEER), which the token bound keeps small.
 
 Under ``TableLookup`` (``layers/expert_tables.py``) the choice is made inside the local read-out
 the lookup runs, so it applies per device to the tokens that device reads (in the
@@ -24,11 +26,11 @@ from __future__ import annotations
 
 import functools
 
-# Decode steps up to batch 256 and prefills up to 256 tokens take the gather path: on XLA:CPU
-# it is the only usable path for bfloat16 tables (above), while on float32 tables the two paths
-# stay within a few tens of percent of each other up to batch 64 either way (docs/inference.md).
-# The rows it keeps, 2·M·h·k·d values (PEER at paper size: 335 MB in float32 at M = 256), stay
-# small next to the tables; longer evals keep the training path's O(M·d) temporaries.
+# Decode steps up to batch 256 and prefills up to 256 tokens take the decode path: on XLA:CPU
+# the training loop is unusable on bfloat16 tables (above), and on float32 tables the two
+# paths are compared per batch in docs/inference.md. What a gradient through it
+# keeps, 2·M·h·k·d values (PEER at paper size: 335 MB in float32 at M = 256), stays small next
+# to the tables; longer evals keep the training path's O(M·d) temporaries.
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -40,13 +42,13 @@ def check_max_tokens(owner: str, max_tokens: int) -> None:
 
 
 def uses_gather(train: bool, tokens: int, max_tokens: int) -> bool:
-    """Whether a lookup over ``tokens`` local tokens takes the decode gather path."""
+    """Whether a lookup over ``tokens`` local tokens takes the decode path."""
     return not train and 0 < tokens <= max_tokens
 
 
 def select(fn, *, train: bool, max_tokens: int):
     """The local read-out ``TableLookup`` runs: ``fn(x, tables, idx, scores, reduce, gather=...)``
-    with ``gather=True`` (the layer's ``compute='naive'`` ops: one gather of all rows) when
+    with ``gather=True`` (the layer's ``gather_ops``: all rows at once) when
     ``uses_gather`` holds for the local token count ``idx.shape[0]``, else with its own ops."""
     if train or max_tokens == 0:
         return fn

@@ -110,7 +110,7 @@ class PEER(nnx.Module):
 
         self.d_model, self.num_experts = d_model, num_experts
         self.activation, self.compute, self.sharded_lookup = activation, compute, sharded_lookup
-        self.ops, self.gather_ops = ops, backends.ops("naive", owner="PEER", dtype=dtype, param_dtype=param_dtype)
+        self.ops, self.gather_ops = ops, backends.decode_ops(owner="PEER", dtype=dtype, param_dtype=param_dtype)
         self.lookup = tables.TableLookup("PEER", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype

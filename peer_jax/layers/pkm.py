@@ -70,7 +70,7 @@ class PKM(nnx.Module):
 
         self.d_model, self.num_experts = d_model, num_experts
         self.compute, self.sharded_lookup, self.ops = compute, sharded_lookup, ops
-        self.gather_ops = backends.ops("naive", owner="PKM", dtype=dtype, param_dtype=param_dtype)
+        self.gather_ops = backends.decode_ops(owner="PKM", dtype=dtype, param_dtype=param_dtype)
         self.lookup = tables.TableLookup("PKM", d_model, sharded_lookup, grad_reduce_dtype)
         self.slot_block = ec.slot_block(heads * top_k, slot_block)
         self.dtype, self.param_dtype = dtype, param_dtype

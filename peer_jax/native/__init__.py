@@ -3,7 +3,9 @@
 ``peer_kernels.cc`` implements ``gather_dot``, ``embedding_bag`` and ``scatter_outer`` (see
 ``peer_jax/layers/expert_compute.py`` for their maths) as multithreaded loops that read each
 gathered table row straight from the table, with no ``[tokens, slots, d]`` intermediate and no
-XLA gather/scatter. They are used by ``compute="native"`` in PEER and PKM, on CPU, in float32.
+XLA gather/scatter. They are used by ``compute="native"`` in PEER and PKM, on CPU, in float32. Two token-centric
+forms of the first two, ``decode_gather_dot`` and ``decode_bag`` (float32 or bfloat16 tables),
+are the table reads of the layers' decode path on CPU (``backends.decode_ops``).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, default ``g++``;
 a few seconds) against the FFI headers shipped in jaxlib, with ``-march=native`` (or
@@ -57,6 +59,8 @@ TARGETS = {
     "group_by_row": "PeerJaxGroupByRow",
     "bag_small": "PeerJaxBagSmall",
     "scatter_small": "PeerJaxScatterSmall",
+    "decode_gather_dot": "PeerJaxDecodeGatherDot",
+    "decode_bag": "PeerJaxDecodeBag",
 }
 
 
@@ -218,3 +222,27 @@ def scatter_outer(idx: jax.Array, w: jax.Array, y: jax.Array, num_rows: int,
     groups = group_by_row(idx, num_rows) if groups is None else groups
     return _call("scatter_outer", (num_rows, y.shape[-1]), idx.astype(jnp.int32), *groups, w.astype(jnp.float32),
                  y.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------- decode kernels
+# Token-centric: each (token, slot) pair reads its row straight from the table, no grouping by
+# row (which costs a pass over all N rows per call). For decode steps and short prefills, where
+# the pairs touch few of the rows. Forward only: backends/cpu.py gives them a VJP.
+DECODE_TABLE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
+def _decode_table(table: jax.Array) -> jax.Array:
+    """float32 and bfloat16 tables go to the kernel as they are (bfloat16 rows are widened per
+    element inside it); any other dtype is cast to float32."""
+    return table if table.dtype in DECODE_TABLE_DTYPES else table.astype(jnp.float32)
+
+
+def decode_gather_dot(x: jax.Array, table: jax.Array, idx: jax.Array) -> jax.Array:
+    """float32 ``[M, S]``: ``⟨x[m], table[idx[m, s]]⟩``, token-centric (float32 sums)."""
+    return _call("decode_gather_dot", idx.shape, x.astype(jnp.float32), _decode_table(table), idx.astype(jnp.int32))
+
+
+def decode_bag(table: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+    """float32 ``[M, d]``: ``Σ_s w[m, s] · table[idx[m, s]]``, token-centric (float32 sums)."""
+    return _call("decode_bag", (idx.shape[0], table.shape[-1]), _decode_table(table), idx.astype(jnp.int32),
+                 w.astype(jnp.float32))

@@ -6,7 +6,9 @@
 //   embedding_bag(T[N,d], idx[M,S], w[M,S])  -> out[M,d],  out[m]   = sum_s w[m,s] T[idx[m,s]]
 //   scatter_outer(idx[M,S], w[M,S], y[M,d])  -> out[N,d],  out[n]   = sum_{idx[m,s]=n} w[m,s] y[m]
 //
-// and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end).
+// and the selection step of product_keys.product_key_topk (ProductKeyTopK, at the end), and two
+// token-centric forms of the first two for decode steps, on float32 or bfloat16 tables
+// (decode_gather_dot, decode_bag: see there).
 //
 // All three are expert-centric: the M·S (token, slot) pairs are grouped by table row with a
 // stable counting sort (group_by_row, computed once and passed to each kernel that uses the same
@@ -131,27 +133,61 @@ inline float Sum8(F8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// Table rows are float32 or bfloat16 (uint16_t here: the high half of a float32's bits), widened
+// to float32 element by element as they are read, so no float32 copy of a table ever exists.
+inline float ToF32(float v) { return v; }
+inline float ToF32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline F8 LoadRow8(const float* p) { return Load8(p); }
+inline F8 LoadRow8(const uint16_t* p) {
+  typedef uint16_t H8 __attribute__((vector_size(16)));
+  typedef uint32_t U8 __attribute__((vector_size(32)));
+  H8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U8 u = __builtin_convertvector(h, U8) << 16;
+  F8 f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // <a, b> with four independent vector accumulators: a single accumulator chains every multiply-add
 // through the FMA latency, which made gather_dot slower. (Software-prefetching the next pairs'
 // token rows made no kernel faster. Timings: docs/peer_speed.md.)
-inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+template <typename T>
+inline float Dot(const float* __restrict a, const T* __restrict b, int64_t d) {
   F8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
   for (; i + 32 <= d; i += 32) {
-    s0 += Load8(a + i) * Load8(b + i);
-    s1 += Load8(a + i + 8) * Load8(b + i + 8);
-    s2 += Load8(a + i + 16) * Load8(b + i + 16);
-    s3 += Load8(a + i + 24) * Load8(b + i + 24);
+    s0 += Load8(a + i) * LoadRow8(b + i);
+    s1 += Load8(a + i + 8) * LoadRow8(b + i + 8);
+    s2 += Load8(a + i + 16) * LoadRow8(b + i + 16);
+    s3 += Load8(a + i + 24) * LoadRow8(b + i + 24);
   }
-  for (; i + 8 <= d; i += 8) s0 += Load8(a + i) * Load8(b + i);
+  for (; i + 8 <= d; i += 8) s0 += Load8(a + i) * LoadRow8(b + i);
   float acc = Sum8((s0 + s1) + (s2 + s3));
-  for (; i < d; ++i) acc += a[i] * b[i];
+  for (; i < d; ++i) acc += a[i] * ToF32(b[i]);
   return acc;
 }
 
 inline void Axpy(float w, const float* __restrict x, float* __restrict y, int64_t d) {
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+}
+
+// The bfloat16 row widened eight at a time (the compiler does not vectorise the scalar form).
+inline void Axpy(float w, const uint16_t* __restrict x, float* __restrict y, int64_t d) {
+  const F8 wv = F8{} + w;
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const F8 r = Load8(y + i) + wv * LoadRow8(x + i);
+    std::memcpy(y + i, &r, sizeof(r));
+  }
+  for (; i < d; ++i) y[i] += w * ToF32(x[i]);
 }
 
 // dst[0:d] = src[0:d], bypassing the cache (non-temporal AVX stores) when dst is 32-byte aligned
@@ -348,6 +384,88 @@ ffi::Error ScatterSmallImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi
     for (int64_t t = b; t < e; ++t)
       for (int64_t j = 0; j < s; ++j) Axpy(wp[t * s + j], yp + t * d, acc + ip[t * s + j] * d, d);
   });
+  return ffi::Error::Success();
+}
+
+// Token-centric kernels for a decode step (few tokens, any table size; float32 or bfloat16
+// tables): each (token, slot) pair reads its table row straight from the table, contiguously,
+// with no grouping of the pairs by row. Grouping costs a counting sort over all N rows per call,
+// which dominates when the tokens read only M·S << N rows. Both check the indices first.
+//
+//   decode_gather_dot(x[M,d], T[N,d], idx[M,S]) -> out[M,S]
+//   decode_bag(T[N,d], idx[M,S], w[M,S])        -> out[M,d]
+
+template <typename T>
+void DecodeGatherDot(ffi::ThreadPool& pool, const float* xp, const T* tp, const int32_t* ip, int64_t m, int64_t s,
+                     int64_t d, float* op) {
+  // Chunks of pairs: at batch 1 the h·k pairs of the one token are split over the threads.
+  ParallelFor(pool, m * s, 8, [=](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) op[p] = Dot(xp + (p / s) * d, tp + ip[p] * d, d);
+  });
+}
+
+template <typename T>
+void DecodeBag(ffi::ThreadPool& pool, const T* tp, const int32_t* ip, const float* wp, int64_t m, int64_t s,
+               int64_t d, float* op) {
+  // Work items are (token, column block): with fewer tokens than threads (batch 1) each token's
+  // columns are split, every thread then reading its slice of all S rows. Blocks are multiples
+  // of 16 columns (whole 64-byte lines of a float32 output row) and every output element has
+  // one writer, summing the slots in order: deterministic.
+  const int64_t workers = Workers(pool);
+  const int64_t blocks = std::max<int64_t>(1, std::min((workers + m - 1) / m, d / 64));
+  const int64_t width = ((d + blocks - 1) / blocks + 15) / 16 * 16;
+  ParallelFor(pool, m * blocks, 1, [=](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t t = q / blocks, c0 = std::min(d, (q % blocks) * width), c1 = std::min(d, c0 + width);
+      float* orow = op + t * d + c0;
+      std::fill(orow, orow + (c1 - c0), 0.f);
+      for (int64_t j = 0; j < s; ++j) Axpy(wp[t * s + j], tp + ip[t * s + j] * d + c0, orow, c1 - c0);
+    }
+  });
+}
+
+ffi::Error CheckTable(const ffi::AnyBuffer& table) {
+  if (auto e = CheckRank2(table.dimensions(), "table"); e.failure()) return e;
+  if (table.element_type() != ffi::DataType::F32 && table.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("table must be float32 or bfloat16");
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeGatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer table,
+                               ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  if (auto e = CheckRank2(x.dimensions(), "x"); e.failure()) return e;
+  if (auto e = CheckTable(table); e.failure()) return e;
+  if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
+  const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1], d = x.dimensions()[1];
+  const int64_t n = table.dimensions()[0];
+  if (table.dimensions()[1] != d || x.dimensions()[0] != m)
+    return ffi::Error::InvalidArgument("decode_gather_dot: x [M, d], table [N, d], idx [M, S] do not match");
+  const int32_t* ip = idx.typed_data();
+  if (auto e = CheckIndices(ip, m * s, n); e.failure()) return e;
+  if (table.element_type() == ffi::DataType::F32)
+    DecodeGatherDot(pool, x.typed_data(), static_cast<const float*>(table.untyped_data()), ip, m, s, d,
+                    out->typed_data());
+  else
+    DecodeGatherDot(pool, x.typed_data(), static_cast<const uint16_t*>(table.untyped_data()), ip, m, s, d,
+                    out->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeBagImpl(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (auto e = CheckTable(table); e.failure()) return e;
+  if (auto e = CheckRank2(idx.dimensions(), "idx"); e.failure()) return e;
+  const int64_t m = idx.dimensions()[0], s = idx.dimensions()[1];
+  const int64_t n = table.dimensions()[0], d = table.dimensions()[1];
+  if (static_cast<int64_t>(w.element_count()) != m * s)
+    return ffi::Error::InvalidArgument("decode_bag: w must have the shape of idx [M, S]");
+  const int32_t* ip = idx.typed_data();
+  if (auto e = CheckIndices(ip, m * s, n); e.failure()) return e;
+  if (table.element_type() == ffi::DataType::F32)
+    DecodeBag(pool, static_cast<const float*>(table.untyped_data()), ip, w.typed_data(), m, s, d, out->typed_data());
+  else
+    DecodeBag(pool, static_cast<const uint16_t*>(table.untyped_data()), ip, w.typed_data(), m, s, d,
+              out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -585,5 +703,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxScatterOuter, ScatterOuterImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxDecodeGatherDot, DecodeGatherDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxDecodeBag, DecodeBagImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
