@@ -17,18 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peer_jax import backends
-from peer_jax import sharding as shd
 from peer_jax.layers import activations
-from peer_jax.layers import expert_compute as ec
 from peer_jax.layers import expert_decode
 from peer_jax.layers import expert_tables as tables
-from peer_jax.layers import intermediates
 from peer_jax.layers.cost import FFWCount
-from peer_jax.layers.product_key_router import ProductKeyRouter, check_config
+from peer_jax.layers.product_key_layer import ProductKeyLayer
 
 
-class PEER(nnx.Module):
+class PEER(ProductKeyLayer):
     """The PEER layer; a drop-in FFW: ``__call__(x [B,T,d], *, mask, train) -> [B,T,d]``.
 
     Args:
@@ -70,6 +66,8 @@ class PEER(nnx.Module):
       table_init, key_init: override initialisers of u/v and of the sub-keys.
     """
 
+    OWNER = "PEER"
+
     def __init__(
         self,
         d_model: int,
@@ -97,45 +95,25 @@ class PEER(nnx.Module):
         table_init=None,
         key_init=None,
     ):
+        def check_activation():
+            if activation not in activations.names(gated=False):
+                raise ValueError(f"PEER activation={activation!r} is unknown; use one of "
+                                 f"{sorted(activations.names(gated=False))}.")
+
         # Everything is validated before the first (possibly huge) table is allocated.
-        check_config("PEER", num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
-                     route_chunk_tokens=route_chunk_tokens)
-        if activation not in activations.names(gated=False):
-            raise ValueError(f"PEER activation={activation!r} is unknown; use one of "
-                             f"{sorted(activations.names(gated=False))}.")
-        ops = backends.ops(compute, owner="PEER", dtype=dtype, param_dtype=param_dtype)
-        if slot_block < 1:
-            raise ValueError(f"PEER slot_block={slot_block} must be ≥ 1.")
-        expert_decode.check_max_tokens("PEER", decode_gather_max_tokens)
-
-        self.d_model, self.num_experts = d_model, num_experts
-        self.activation, self.compute, self.sharded_lookup = activation, compute, sharded_lookup
-        self.ops, self.gather_ops = ops, backends.decode_ops(owner="PEER", dtype=dtype, param_dtype=param_dtype)
-        self.lookup = tables.TableLookup("PEER", d_model, sharded_lookup, grad_reduce_dtype)
-        self.slot_block = ec.slot_block(heads * top_k, slot_block)
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.decode_gather_max_tokens = decode_gather_max_tokens
-
-        # Parameter keys are drawn in the order u, v, router (sub-keys, query, BN): the order
-        # the layer has always used, so a seed gives the same initial values as before.
+        self._setup(d_model, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
+                    route_chunk_tokens=route_chunk_tokens, compute=compute, sharded_lookup=sharded_lookup,
+                    grad_reduce_dtype=grad_reduce_dtype, slot_block=slot_block,
+                    decode_gather_max_tokens=decode_gather_max_tokens, dtype=dtype, param_dtype=param_dtype,
+                    extra_check=check_activation)
+        self.activation = activation
         init = table_init or tables.default_table_init(d_model)
         self.u = tables.table(rngs.params(), init, num_experts, d_model, param_dtype)  # input weights
         self.v = tables.table(rngs.params(), init, num_experts, d_model, param_dtype)  # output weights
-        self.router = ProductKeyRouter(
-            d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key,
-            query_batchnorm=query_batchnorm, score_fn=score_fn, per_head_keys=per_head_keys,
-            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, ops=ops,
-            bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, key_init=key_init, dtype=dtype,
-            param_dtype=param_dtype, owner="PEER",
-        )
-
-    @property
-    def heads(self) -> int:
-        return self.router.heads
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
+        self._make_router(rngs, heads=heads, top_k=top_k, d_key=d_key, query_batchnorm=query_batchnorm,
+                          score_fn=score_fn, per_head_keys=per_head_keys, approx_topk=approx_topk,
+                          route_chunk_tokens=route_chunk_tokens, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                          key_init=key_init)
 
     # ------------------------------------------------------------------ experts
 
@@ -144,7 +122,7 @@ class PEER(nnx.Module):
         ``reduce`` completes ``u_sᵀx`` over the slices. ``gather``: one gather of all rows (the
         decode path of ``expert_decode``) instead of the layer's own ops."""
         u, v = tabs
-        ops = self.gather_ops if gather else self.ops
+        ops = self._ops(gather)
         a = reduce(ops.gather_dot(x, u, idx, dtype=self.dtype, block=self.slot_block))  # [tokens, h·k]: u_iᵀx
         coef = g.astype(jnp.float32) * activations.elementwise(self.activation)(a)
         return ops.embedding_bag(v, idx, coef, dtype=self.dtype, block=self.slot_block)
@@ -158,15 +136,8 @@ class PEER(nnx.Module):
         statistics and out of the sown ``'expert_mass'``; outputs at padded positions are
         computed like any other and are meaningless.
         """
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"PEER expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
-        g, idx = self.router(x, mask=mask, train=train)
-        intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
-        s = self.heads * self.top_k
-        read_out = expert_decode.select(self._experts, train=train, max_tokens=self.decode_gather_max_tokens)
-        out = self.lookup(read_out, (self.u[...], self.v[...]), idx.reshape(*x.shape[:2], s),
-                          g.reshape(*x.shape[:2], s), x, out_dtype=x.dtype)
-        return shd.constrain(out, ("batch", "length", "embed"))
+        return self._route_and_read(self._experts, (self.u[...], self.v[...]), x, mask=mask, train=train,
+                                    pass_x=True)
 
     def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
         """Retrieval + h·k single-neuron experts (σ, softmax, BN not counted); active parameters:

@@ -17,23 +17,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peer_jax import backends
-from peer_jax import sharding as shd
-from peer_jax.layers import expert_compute as ec
 from peer_jax.layers import expert_decode
 from peer_jax.layers import expert_tables as tables
-from peer_jax.layers import intermediates
 from peer_jax.layers.cost import FFWCount
-from peer_jax.layers.product_key_router import ProductKeyRouter, check_config
+from peer_jax.layers.product_key_layer import ProductKeyLayer
 
 
-class PKM(nnx.Module):
+class PKM(ProductKeyLayer):
     """A drop-in FFW: ``__call__(x [B,T,d], *, mask, train) -> [B,T,d]``.
 
     Arguments mean what PEER's do (PKM has no ``activation``: memories are read linearly), with
     PKM's defaults: ``num_experts`` (memories) = 1024², ``heads`` = 8, ``top_k`` = 32,
     ``d_key`` = 128. Values are initialised N(0, 1/d) (Lample et al.: N(0, d^-0.5)).
     """
+
+    OWNER = "PKM"
 
     def __init__(
         self,
@@ -61,39 +59,16 @@ class PKM(nnx.Module):
         table_init=None,
         key_init=None,
     ):
-        check_config("PKM", num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
-                     route_chunk_tokens=route_chunk_tokens)
-        ops = backends.ops(compute, owner="PKM", dtype=dtype, param_dtype=param_dtype)
-        if slot_block < 1:
-            raise ValueError(f"PKM slot_block={slot_block} must be ≥ 1.")
-        expert_decode.check_max_tokens("PKM", decode_gather_max_tokens)
-
-        self.d_model, self.num_experts = d_model, num_experts
-        self.compute, self.sharded_lookup, self.ops = compute, sharded_lookup, ops
-        self.gather_ops = backends.decode_ops(owner="PKM", dtype=dtype, param_dtype=param_dtype)
-        self.lookup = tables.TableLookup("PKM", d_model, sharded_lookup, grad_reduce_dtype)
-        self.slot_block = ec.slot_block(heads * top_k, slot_block)
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.decode_gather_max_tokens = decode_gather_max_tokens
-
-        # Keys drawn in the order values, router (sub-keys, query, BN), as always.
+        self._setup(d_model, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, score_fn=score_fn,
+                    route_chunk_tokens=route_chunk_tokens, compute=compute, sharded_lookup=sharded_lookup,
+                    grad_reduce_dtype=grad_reduce_dtype, slot_block=slot_block,
+                    decode_gather_max_tokens=decode_gather_max_tokens, dtype=dtype, param_dtype=param_dtype)
         init = table_init or tables.default_table_init(d_model)
         self.values = tables.table(rngs.params(), init, num_experts, d_model, param_dtype)
-        self.router = ProductKeyRouter(
-            d_model, rngs=rngs, num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key,
-            query_batchnorm=query_batchnorm, score_fn=score_fn, per_head_keys=per_head_keys,
-            approx_topk=approx_topk, route_chunk_tokens=route_chunk_tokens, ops=ops,
-            bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, key_init=key_init, dtype=dtype,
-            param_dtype=param_dtype, owner="PKM",
-        )
-
-    @property
-    def heads(self) -> int:
-        return self.router.heads
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
+        self._make_router(rngs, heads=heads, top_k=top_k, d_key=d_key, query_batchnorm=query_batchnorm,
+                          score_fn=score_fn, per_head_keys=per_head_keys, approx_topk=approx_topk,
+                          route_chunk_tokens=route_chunk_tokens, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                          key_init=key_init)
 
     def _read(self, x, tabs, idx, g, reduce, gather=False) -> jax.Array:
         """``Σ_s g_s · m_s`` on one column slice of the table (``TableLookup``); no sum crosses
@@ -101,20 +76,11 @@ class PKM(nnx.Module):
         decode path of ``expert_decode``) instead of the layer's own ops."""
         del x, reduce
         (values,) = tabs
-        ops = self.gather_ops if gather else self.ops
-        return ops.embedding_bag(values, idx, g.astype(jnp.float32), dtype=self.dtype, block=self.slot_block)
+        return self._ops(gather).embedding_bag(values, idx, g.astype(jnp.float32), dtype=self.dtype, block=self.slot_block)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
         """``[B, T, d_model] -> [B, T, d_model]`` in ``x.dtype`` (``mask`` as in PEER)."""
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"PKM expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
-        g, idx = self.router(x, mask=mask, train=train)
-        intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
-        s = self.heads * self.top_k
-        read_out = expert_decode.select(self._read, train=train, max_tokens=self.decode_gather_max_tokens)
-        out = self.lookup(read_out, (self.values[...],), idx.reshape(*x.shape[:2], s), g.reshape(*x.shape[:2], s),
-                          out_dtype=x.dtype)
-        return shd.constrain(out, ("batch", "length", "embed"))
+        return self._route_and_read(self._read, (self.values[...],), x, mask=mask, train=train, pass_x=False)
 
     def flop_count(self, *, seq_len: int, batch_size: int | None) -> FFWCount:
         """Retrieval + an embedding bag of h·k value rows (softmax, BN not counted). The memories
