@@ -197,7 +197,9 @@ def xla_flops_per_token(model: Transformer, seq_len: int, batch_size: int, *, tr
     `model` may be abstract (`abstract_transformer`): only shapes are needed to compile.
     Caveat: XLA's cost analysis counts a `while` loop's body **once**, whatever its trip count
     (jax 0.10, CPU), so anything inside `lax.scan` — the efficient PEER/PKM gather loops when
-    `slot_block < heads·top_k`, gradient accumulation, scanned layers — is undercounted.
+    `slot_block < heads·top_k`, gradient accumulation, scanned layers — is undercounted, and
+    FFI custom calls (`compute="native"`, the CPU decode kernels PEER/PKM take in eval mode up to
+    `decode_gather_max_tokens` tokens) are not counted at all.
     """
     import jax.numpy as jnp
     import optax

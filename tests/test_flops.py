@@ -33,13 +33,17 @@ def _peer(**kw):
 
     # slot_block = heads·top_k: one trip through the gather loops. XLA's cost analysis counts
     # a while loop's body once whatever its trip count, so smaller blocks would be undercounted.
-    return functools.partial(PEER, num_experts=32**2, heads=4, top_k=8, d_key=64, slot_block=32, **kw)
+    # decode_gather_max_tokens=0: the eval forward of B·T = 256 tokens would otherwise take the
+    # decode path, whose CPU kernels are FFI custom calls that XLA's cost analysis cannot see.
+    return functools.partial(PEER, num_experts=32**2, heads=4, top_k=8, d_key=64, slot_block=32,
+                             decode_gather_max_tokens=0, **kw)
 
 
 def _pkm(**kw):
     from peer_jax.layers.pkm import PKM
 
-    return functools.partial(PKM, num_experts=32**2, heads=4, top_k=16, d_key=64, slot_block=64, **kw)
+    return functools.partial(PKM, num_experts=32**2, heads=4, top_k=16, d_key=64, slot_block=64,
+                             decode_gather_max_tokens=0, **kw)  # as PEER's
 
 
 HAVE_PKM = importlib.util.find_spec("peer_jax.layers.pkm") is not None
