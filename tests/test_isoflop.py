@@ -31,7 +31,7 @@ def _missing_model_files(grid) -> list[str]:
 # ----------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("grid_name", ["mini", "mini2", "ablate", pytest.param("paper", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("grid_name", ["mini", "mini2", "mini3", "ablate", pytest.param("paper", marks=pytest.mark.slow)])
 def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
     """Regenerates the grid in memory: generate() parses every point's gin text and builds its
     model with nnx.eval_shape; the files on disk must be exactly what it produces. (The paper
@@ -74,6 +74,40 @@ def test_study_grid_pins_each_methods_peak_lr_and_the_three_eval_sets():
     # the historical mini grid keeps base.gin's LR and no pin (its committed runs used neither)
     mini = (REPO / "configs/isoflop/mini/dense_1e12_L2_d48_h2.gin").read_text()
     assert "peak_lr" not in mini and "xla_cpu_pin" not in mini
+
+
+def test_rerun_grid_applies_the_width_rule_key_group_warmup_floor_and_curves():
+    """mini3 = mini2 + issue 25's fixes; every number below is read back from the shipped files."""
+    import math
+
+    import gin
+
+    from peer_jax import gin_utils
+
+    grid = grids.GRIDS["mini3"]
+    assert grid.budgets == grids.MINI2.budgets and [m.name for m in grid.methods] == [m.name for m in grids.MINI2.methods]
+    points = json.loads((REPO / "configs/isoflop/mini3/grid.json").read_text())["points"]
+    seen_floor = seen_cap = False
+    for e in points:
+        text = (REPO / e["gin_file"]).read_text()
+        lr = 1e-2 * min(1.0, 64 / e["d_model"])
+        assert e["peak_lr"] == pytest.approx(lr) and f"optim.make_optimizer.peak_lr = {e['peak_lr']!r}" in text
+        warmup = int(text.split("optim.make_optimizer.warmup_steps = ")[1].split()[0])
+        n = e["num_steps"]
+        assert warmup == max(round(0.05 * n), min(100, round(0.25 * n)))
+        seen_floor |= warmup == 100 > round(0.05 * n)
+        seen_cap |= warmup < 100
+        assert f"eval_every = {math.ceil(n / 10)}" in text and "eval_batches = 8" in text
+        assert "final_eval_batches = 96" in text and '"kjv_novel"' in text
+        assert ("param_groups" in text) == (e["method"] == "peer"), e["name"]
+    assert seen_floor and seen_cap
+    # the group binding parses and reaches the optimizer
+    try:
+        gin_utils.parse([str(REPO / "configs/isoflop/mini3/peer_1e13_L4_d128_h4.gin")], [])
+        assert gin.query_parameter("optim.make_optimizer.param_groups") == {"keys": {"lr_scale": 0.1}}
+        assert gin.query_parameter("optim.make_optimizer.peak_lr") == 0.005
+    finally:
+        gin.clear_config()
 
 
 def test_paper_grid_files_parse_and_a_sample_builds():

@@ -54,6 +54,8 @@ def gin_literal(value) -> str:
         return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{gin_literal(k)}: {gin_literal(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no gin literal for {value!r}")
 
 
@@ -64,8 +66,9 @@ def _import_line(module: str) -> str:
 
 def render(grid, method, shape, budget: float, num_steps: int, header: list[str] = ()) -> str:
     train = {**dict(grid.train), **dict(grid.method_train.get(method.name, ()))}
-    train.setdefault("eval_every", num_steps)  # default: evaluate once, at the end
-    warmup = max(grid.min_warmup, round(grid.warmup_fraction * num_steps))
+    train.setdefault("eval_every", -(-num_steps // grid.evals_per_run) if grid.evals_per_run else num_steps)
+    warmup = grids.warmup_steps(grid, num_steps)
+    peak_lr = grids.point_peak_lr(grid, method.name, shape)
     lines = [f"# isoFLOP point {point_name(method.name, budget, shape)} of grid '{grid.name}': "
              f"method={method.name}, budget={budget:.3g} FLOPs, shape={shape.tag}.",
              GENERATED_BY,
@@ -96,8 +99,7 @@ def render(grid, method, shape, budget: float, num_steps: int, header: list[str]
               *[f"  {k} = {gin_literal(v)}" for k, v in train.items()],
               "",
               f"optim.make_optimizer.warmup_steps = {warmup}",
-              *([f"optim.make_optimizer.peak_lr = {gin_literal(grid.peak_lr[method.name])}"]
-                if method.name in grid.peak_lr else []),
+              *([f"optim.make_optimizer.peak_lr = {gin_literal(peak_lr)}"] if peak_lr is not None else []),
               ""]
     return "\n".join(lines)
 
@@ -194,7 +196,7 @@ def measure_point(grid, method, shape, budget: float, cache: dict | None = None)
         "tokens": steps * tokens_per_step,
         "realised_flops": realised,
         "budget_ratio": realised / budget,
-        **({"peak_lr": grid.peak_lr[method.name]} if method.name in grid.peak_lr else {}),
+        **({"peak_lr": grids.point_peak_lr(grid, method.name, shape)} if method.name in grid.peak_lr else {}),
     }
     return entry, render(grid, method, shape, budget, steps, header)
 
