@@ -61,6 +61,38 @@ def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
     assert strip(rows(resumed)) == strip(rows(workdir))
 
 
+def test_resume_is_exact_for_peer_with_optimizer_groups_and_intermediate_evals(tmp_path):
+    """The mini3 recipe (PEER with query BN, the sub-keys in their own optimizer group at 0.1 × LR,
+    validation-curve evals between checkpoints): a run restarted from its step-8 checkpoint logs
+    the same train and eval rows, bit for bit, as the uninterrupted one."""
+    from peer_jax.layers.peer import PEER
+
+    cfg = tiny_config(
+        model=functools.partial(Transformer, num_layers=2, d_model=32, num_heads=2, sparse_blocks="middle",
+                                sparse_ffw=functools.partial(PEER, num_experts=16**2, heads=2, top_k=4, d_key=16,
+                                                             query_batchnorm=True)),
+        optimizer=functools.partial(optim.make_optimizer, peak_lr=1e-2, warmup_steps=3,
+                                    param_groups={"keys": {"lr_scale": 0.1}}),
+        seq_len=32, batch_size=8, num_steps=16, eval_every=4, eval_batches=1, final_eval_batches=2,
+        checkpoint_every=8)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    loop.train(cfg, str(full))
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "16")
+    # keep only what the step-8 checkpoint had logged, so every later row must come from the resumed run
+    (resumed / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8))
+    loop.train(cfg, str(resumed))
+    timing = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s", "checkpoint_blocking_s",
+              "eval_time_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing and not k.endswith("_time_s")}  # noqa: E731
+                        for r in rs]
+    a, b = strip(rows(full)), strip(rows(resumed))
+    assert any(k.startswith("eval_subset/kjv/") for r in a if r["step"] > 8 for k in r)
+    assert any("usage" in k for r in a if r["step"] > 8 for k in r) and a[-1]["step"] == 16
+    assert b == a
+
+
 def test_incompatible_checkpoint_is_a_clear_error(full_run, tmp_path):
     workdir, _ = full_run
     other = tmp_path / "other"
