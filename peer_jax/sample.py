@@ -24,6 +24,7 @@ generated (`grouping='sequence'`, token choice) are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -142,6 +143,62 @@ def choose(logits, key, *, temperature: float, top_k: int, top_p: float, vocab_s
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef, mesh, rules, b: int, width: int, length: int, use_cache: bool, eos_id: int,
+              sampling: tuple):
+    """The jitted ``(first, advance)`` of ``generate`` for one model, layout and sampling setting,
+    built once: repeated calls with the same shapes reuse jit's traces and executables instead of
+    tracing fresh closures. ``first`` is the prefill (with the cache) or None (the reference's
+    first call is ``advance``). ``sampling``: (temperature, top_k, top_p, vocab_size); the random
+    key is an argument (its raw data, a host array like the tokens), so a new seed does not
+    recompile. ``rules`` keys the cache because the traces read the logical rules in context."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    del rules
+    temperature, top_k, top_p, vocab_size = sampling
+    pick = lambda logits, seed, i: choose(logits, jax.random.fold_in(jax.random.wrap_key_data(seed), i),  # noqa: E731
+                                         temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
+    model = lambda p, s: nnx.merge(graphdef, p, s)  # noqa: E731
+    replicated = NamedSharding(mesh, P())
+
+    # A row that has produced EOS goes on being computed (shapes stay fixed) but feeds its
+    # later tokens as padding (segment 0): invisible to the other rows' attention and routing,
+    # so every row's log-probabilities are those of its text alone in this batch layout.
+    if use_cache:
+        def prefill(params, model_state, seed, t, p, s):
+            m = model(params, model_state)
+            logits, cache = m.decode(t, p, s, m.init_cache(b, length))
+            tok, lp = pick(logits[:, -1], seed, 0)
+            return tok, lp, (cache, p[:, -1] + 1, (tok == eos_id) | (s[:, -1] == 0))
+
+        def step(params, model_state, seed, state, tok, i):
+            cache, pos, done = state
+            seg = (~done).astype(jnp.int32)[:, None]
+            logits, cache = model(params, model_state).decode(tok[:, None], pos[:, None], seg, cache)
+            nxt, lp = pick(logits[:, 0], seed, i)
+            return nxt, lp, (cache, pos + 1, done | (nxt == eos_id))
+
+        return (jax.jit(prefill, out_shardings=(replicated, replicated, None)),
+                jax.jit(step, donate_argnums=(3,), out_shardings=(replicated, replicated, None)))
+
+    def full(params, model_state, seed, state, tok, i):
+        del tok  # already written into the buffer
+        t, p, s, done = state
+        col = width - 1 + i
+        logits = model(params, model_state)(t, positions=p, segment_ids=s, mask=s > 0, train=False)
+        nxt, lp = pick(jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), seed, i)
+        done = done | (nxt == eos_id)
+        put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            a, v[:, None], jnp.minimum(col + 1, length - 1), axis=1)
+        pos = jax.lax.dynamic_index_in_dim(p, col, 1, False) + 1
+        return nxt, lp, (put(t, nxt), put(p, pos), put(s, (~done).astype(jnp.int32)), done)
+
+    return None, jax.jit(full, out_shardings=(replicated, replicated, None))
+
+
 def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: int, *, vocab_size: int,
              eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              use_cache: bool = True):
@@ -151,9 +208,9 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     With the cache: one prefill call and ``max_new_tokens - 1`` one-token steps. Without it
     (the reference): ``Transformer.__call__`` over the whole [B, prompt + new] buffer for every
     new token, the columns not yet generated being padding (causal, so they change nothing).
+    Each is compiled once per model, shapes and sampling setting (``_compiled``), not per call.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -166,11 +223,10 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     tokens, positions, segments = (np.pad(a, ((0, fill), (0, 0))) for a in left_pad(rows))
     b, width = tokens.shape
     length = width + max_new_tokens - 1
-    pick = lambda logits, i: choose(logits, jax.random.fold_in(jax.random.key(seed), i),  # noqa: E731
-                                    temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
-    model = lambda p, s: nnx.merge(setup.graphdef, p, s)  # noqa: E731
-    check_routing(model(params, model_state), b)
-    replicated = NamedSharding(setup.mesh, P())
+    check_routing(nnx.merge(setup.graphdef, params, model_state), b)
+    first, advance = _compiled(setup.graphdef, setup.mesh, setup.rules, b, width, length, use_cache, eos_id,
+                               (temperature, top_k, top_p, vocab_size))
+    seed = np.asarray(jax.random.key_data(jax.random.key(seed)))
     if not use_cache:  # the buffer holds every column the reference will read
         pad = ((0, 0), (0, length - width))
         tokens, positions, segments = (np.pad(a, pad) for a in (tokens, positions, segments))
@@ -178,43 +234,12 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     block = slice(shard * b // shards, (shard + 1) * b // shards)
     batch = step_lib.host_batch({"t": tokens[block], "p": positions[block], "s": segments[block]}, setup, b)
 
-    # A row that has produced EOS goes on being computed (shapes stay fixed) but feeds its
-    # later tokens as padding (segment 0): invisible to the other rows' attention and routing,
-    # so every row's log-probabilities are those of its text alone in this batch layout.
     if use_cache:
-        def prefill(params, model_state, t, p, s):
-            m = model(params, model_state)
-            logits, cache = m.decode(t, p, s, m.init_cache(b, length))
-            tok, lp = pick(logits[:, -1], 0)
-            return tok, lp, (cache, p[:, -1] + 1, (tok == eos_id) | (s[:, -1] == 0))
-
-        def step(params, model_state, state, tok, i):
-            cache, pos, done = state
-            seg = (~done).astype(jnp.int32)[:, None]
-            logits, cache = model(params, model_state).decode(tok[:, None], pos[:, None], seg, cache)
-            nxt, lp = pick(logits[:, 0], i)
-            return nxt, lp, (cache, pos + 1, done | (nxt == eos_id))
-
-        tok, lp, state = jax.jit(prefill, out_shardings=(replicated, replicated, None))(
-            params, model_state, batch["t"], batch["p"], batch["s"])
-        advance = jax.jit(step, donate_argnums=(2,), out_shardings=(replicated, replicated, None))
+        tok, lp, state = first(params, model_state, seed, batch["t"], batch["p"], batch["s"])
     else:
-        def full(params, model_state, state, tok, i):
-            del tok  # already written into the buffer
-            t, p, s, done = state
-            col = width - 1 + i
-            logits = model(params, model_state)(t, positions=p, segment_ids=s, mask=s > 0, train=False)
-            nxt, lp = pick(jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), i)
-            done = done | (nxt == eos_id)
-            put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                a, v[:, None], jnp.minimum(col + 1, length - 1), axis=1)
-            pos = jax.lax.dynamic_index_in_dim(p, col, 1, False) + 1
-            return nxt, lp, (put(t, nxt), put(p, pos), put(s, (~done).astype(jnp.int32)), done)
-
-        advance = jax.jit(full, out_shardings=(replicated, replicated, None))
-        zeros = jax.device_put(np.zeros(b, np.int32), replicated)
+        zeros = jax.device_put(np.zeros(b, np.int32), NamedSharding(setup.mesh, P()))
         filler = batch["s"][:, width - 1] == 0
-        tok, lp, state = advance(params, model_state, (batch["t"], batch["p"], batch["s"], filler), zeros, 0)
+        tok, lp, state = advance(params, model_state, seed, (batch["t"], batch["p"], batch["s"], filler), zeros, 0)
 
     real = len(rows)
     out_tok, out_lp = [np.asarray(tok)[:real]], [np.asarray(lp)[:real]]
@@ -222,7 +247,7 @@ def generate(setup, params, model_state, rows: list[list[int]], max_new_tokens: 
     for i in range(1, max_new_tokens):
         if done.all():
             break
-        tok, lp, state = advance(params, model_state, state, tok, i)
+        tok, lp, state = advance(params, model_state, seed, state, tok, i)
         out_tok.append(np.asarray(tok)[:real])
         out_lp.append(np.asarray(lp)[:real])
         done |= out_tok[-1] == eos_id

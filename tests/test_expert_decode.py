@@ -1,9 +1,11 @@
 """The decode path of PEER and PKM (layers/expert_decode.py): in eval mode, a lookup over few
-tokens gathers all h·k rows at once instead of the training path's custom-VJP slot loops.
+tokens gathers all h·k rows at once instead of the training path's custom-VJP slot loops, and
+its router selects with the decode ops' product-key top-k (the C++ selection on CPU).
 
 It must equal the training read-out in values and (though meant for inference) in gradients,
-with padding masked, on one device and in the 8-device memory-parallel layout; it must never
-be taken in training mode or above its token bound; greedy samples must not change."""
+with padding masked, on one device and in the 8-device memory-parallel layout; its selection
+must equal XLA's top-k; it must never be taken in training mode or above its token bound
+(counted per device); greedy samples must not change."""
 
 import functools
 import math
@@ -17,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import backends, native, sample
+from peer_jax.backends import cpu as cpu_backend
 from peer_jax import sharding as shd
 from peer_jax.layers.peer import PEER
 from peer_jax.layers.pkm import PKM
@@ -29,9 +32,10 @@ LAYERS = {"peer": PEER, "pkm": PKM}
 # The training read-out in a jaxpr: the slot loops of 'efficient' (the product-key search runs
 # unchunked at these sizes, so it adds no scan), the C++ bag kernel of 'native'.
 LOOP = {"efficient": "scan", "native": "peer_jax_embedding_bag"}
-# The decode path's table reads on CPU: the token-centric C++ kernels where they build, else the
-# XLA gather (backends.decode_ops).
+# The decode path's selection and table reads on CPU: the C++ kernels where they build, else
+# XLA's top-k and gather (backends.decode_ops).
 NATIVE_DECODE = native.available()
+SELECT = "peer_jax_product_key_topk"  # the C++ selection in a jaxpr
 
 
 def make(layer: str, **kw):
@@ -84,7 +88,36 @@ def test_decode_path_equals_training_read_out(layer, compute, shape):
     want, ref_jaxpr = forward_and_grads(make(layer, compute=compute, decode_gather_max_tokens=0), x, mask)
     assert LOOP[compute] not in jaxpr and LOOP[compute] in ref_jaxpr
     assert ("peer_jax_decode_bag" in jaxpr) == NATIVE_DECODE
+    # The decode path selects natively; the 'efficient' reference with XLA's top-k.
+    assert (SELECT in jaxpr) == NATIVE_DECODE and (SELECT in ref_jaxpr) == (compute == "native")
     assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("layer,per_head_keys", [("peer", False), ("pkm", False), ("pkm", True)])
+def test_decode_router_selects_like_xla_top_k(layer, per_head_keys):
+    """The decode path's selection (the C++ kernel where it builds) on the router's own eval-mode
+    queries against XLA's product-key top-k: same items, same scores (random data, no ties),
+    and the router weights the layer's decode path computes with it."""
+    from peer_jax.layers import product_keys as pk
+
+    model = LAYERS[layer](D, rngs=nnx.Rngs(1), num_experts=32 * 32, heads=H, top_k=8, d_key=DK,
+                          per_head_keys=per_head_keys)
+    router = model.router
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((6, 3, D)), jnp.float32)
+    q, keys = router.queries(x), router.sub_keys[...]
+    select = model.gather_ops.select_topk
+    assert (select is cpu_backend.select_topk) == NATIVE_DECODE
+    got = jax.jit(lambda q, k: select(q, k, 8))(q, keys)
+    want = jax.jit(lambda q, k: pk.product_key_topk(q, k, 8))(q, keys)
+    top = np.sort(np.asarray(pk.brute_force_scores(q, keys)), axis=-1)[..., ::-1][..., :9]
+    assert (np.diff(top, axis=-1) < 0).all()  # no ties among the top 9 scores of any query
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    # The layer's decode path routes with it: weights and items of the router call it makes.
+    g, idx = jax.jit(lambda x: router(x, select_topk=select))(x)
+    g_ref, idx_ref = jax.jit(lambda x: router(x))(x)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(idx_ref))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(not NATIVE_DECODE, reason="no C++ compiler: the decode path uses the XLA gather")
@@ -107,7 +140,8 @@ def test_native_decode_kernels_equal_the_xla_gather(layer, param_dtype):
 
 
 def test_decode_ops_fall_back_to_the_xla_gather(monkeypatch):
-    """Off CPU, or where the native kernels do not build, the decode path gathers with XLA."""
+    """Off CPU, or where the native kernels do not build, the decode path selects and gathers
+    with XLA."""
     with backends.use("portable"):
         assert backends.decode_ops().name == "naive/portable"
     monkeypatch.setattr(backends, "_native_builds", lambda: False)
@@ -115,16 +149,19 @@ def test_decode_ops_fall_back_to_the_xla_gather(monkeypatch):
     model = make("pkm")
     assert model.gather_ops.name == "naive/cpu"
     x, mask = inputs(4, 1)
-    assert "peer_jax_decode_bag" not in forward_and_grads(model, x, mask)[1]
+    jaxpr = forward_and_grads(model, x, mask)[1]
+    assert "peer_jax_decode_bag" not in jaxpr and SELECT not in jaxpr  # XLA's gather and top-k
 
 
 @pytest.mark.parametrize("layer", ["peer", "pkm"])
 def test_never_taken_in_training_or_above_the_token_bound(layer):
     x, mask = inputs(2, 3)  # 6 tokens
     loop = LOOP["efficient"]
-    assert loop in forward_and_grads(make(layer), x, mask, train=True)[1]
-    assert loop in forward_and_grads(make(layer, decode_gather_max_tokens=5), x, mask)[1]
-    assert loop not in forward_and_grads(make(layer, decode_gather_max_tokens=6), x, mask)[1]
+    for jaxpr in (forward_and_grads(make(layer), x, mask, train=True)[1],
+                  forward_and_grads(make(layer, decode_gather_max_tokens=5), x, mask)[1]):
+        assert loop in jaxpr and SELECT not in jaxpr  # the training ops' read-out and selection
+    jaxpr = forward_and_grads(make(layer, decode_gather_max_tokens=6), x, mask)[1]
+    assert loop not in jaxpr and (SELECT in jaxpr) == NATIVE_DECODE
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, True])
@@ -138,16 +175,24 @@ def test_memory_parallel_decode_step_equals_single_device_training_read_out(laye
     """8 fake devices, `memory_parallel` rules on a (data 2, expert 2, model 2) mesh: a decode
     step of 8 rows; each device gathers its column slice of the rows of its group's tokens."""
     x, mask = inputs(8, 1)
-    model = make(layer)
     mesh, rules = shd.make_mesh((2, 2, 2), devices=jax.devices()[:8]), shd.get_rules("memory_parallel")
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        gdef, state = nnx.split(model)
-        state = jax.device_put(state, shd.state_shardings(state, mesh, rules))
-        data = NamedSharding(mesh, shd.logical_to_spec(("batch", "length"), rules))
-        got, jaxpr = forward_and_grads(nnx.merge(gdef, state), jax.device_put(x, NamedSharding(mesh, P(*data.spec))),
-                                       jax.device_put(mask, data))
-    assert "all_to_all" in jaxpr and LOOP["efficient"] not in jaxpr
-    assert_trees_close(got, forward_and_grads(make(layer, decode_gather_max_tokens=0), x, mask)[0])
+        local = make(layer).lookup.local_tokens(8, 1)
+        runs = {}
+        for max_tokens in (local, local - 1):  # the bound counts the tokens each device reads
+            gdef, state = nnx.split(make(layer, decode_gather_max_tokens=max_tokens))
+            state = jax.device_put(state, shd.state_shardings(state, mesh, rules))
+            data = NamedSharding(mesh, shd.logical_to_spec(("batch", "length"), rules))
+            runs[max_tokens] = forward_and_grads(nnx.merge(gdef, state),
+                                                 jax.device_put(x, NamedSharding(mesh, P(*data.spec))),
+                                                 jax.device_put(mask, data))
+    assert 0 < local < 8  # its group's tokens: fewer than the batch
+    (got, jaxpr), (below, below_jaxpr) = runs[local], runs[local - 1]
+    assert "all_to_all" in jaxpr and LOOP["efficient"] not in jaxpr and (SELECT in jaxpr) == NATIVE_DECODE
+    assert LOOP["efficient"] in below_jaxpr and SELECT not in below_jaxpr
+    want = forward_and_grads(make(layer, decode_gather_max_tokens=0), x, mask)[0]
+    assert_trees_close(got, want)
+    assert_trees_close(below, want)
 
 
 @pytest.mark.parametrize("layer", ["peer", "pkm"])

@@ -64,6 +64,32 @@ def test_greedy_decode_with_cache_equals_no_cache_reference(decoded, name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_a_second_call_does_not_recompile(decoded, mesh_rules, use_cache):
+    """`generate` reuses its jitted prefill and step (or reference step) for the same model,
+    shapes and sampling setting: a second call, with another seed, neither traces nor compiles,
+    and gives the first call's greedy tokens. Another setting does compile."""
+    mesh, rules = mesh_rules
+    setup, state, cached, ref = decoded["peer"]
+    events = []
+
+    def listen(event, secs, **_):
+        if event.startswith("/jax/core/compile/"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            run = functools.partial(sample.generate, setup, state["params"], state["model_state"], ROWS, NEW,
+                                    vocab_size=VOCAB, eos_id=EOS, use_cache=use_cache)
+            again = run(seed=7)
+            assert events == [] and again == (cached if use_cache else ref)
+            run(temperature=0.5)  # another sampling setting: traced and compiled once
+            assert any(e.endswith("backend_compile_duration") for e in events), events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def eval_batch(rows, generated):
     """The decode's layout of each row's prompt + completion as an eval batch (left-padded the
     same way, so MoE routing groups hold the same tokens), weights on the completion only."""

@@ -21,10 +21,11 @@ native       cpu only    custom VJP, ``xᵀ @ g``        C++ kernel, sparse VJP 
 * ``cpu`` (``backends/cpu.py``): XLA:CPU-specific forms of the same maths (same values), and
   the native C++ kernels of ``peer_jax.native``.
 
-The decode path of the layers (``layers/expert_decode.py``: eval mode, few tokens) reads its
-tables through a second set, ``decode_ops()``, taken by the layer when built: on the ``cpu``
-backend, where the native kernels build, ``DECODE_NATIVE`` (token-centric C++ kernels, float32
-or bfloat16 tables, the gather's gradient), else ``ops('naive')`` (one XLA gather + einsum).
+The decode path of the layers (``layers/expert_decode.py``: eval mode, few tokens) selects
+and reads through a second set, ``decode_ops()``, taken by the layer when built: on the ``cpu``
+backend, where the native kernels build, ``DECODE_NATIVE`` (the C++ product-key selection, and
+token-centric C++ table reads on float32 or bfloat16 tables with the gather's gradient), else
+``ops('naive')`` (XLA's product-key top-k, one XLA gather + einsum).
 
 The backend is ``cpu`` when the platform being compiled for is CPU, else ``portable``. That
 platform is read when the layer is built (``platform()``: the devices of the mesh in context,
@@ -100,7 +101,11 @@ class DecodeOps(Ops):
         return cpu.decode_bag(table, idx, w)
 
 
-DECODE_NATIVE = DecodeOps("decode-native/cpu", cpu.project, pk.product_key_topk, None)
+# The selection is the C++ kernel's too: at decode sizes XLA:CPU's top-k over the
+# [tokens, heads, √N] half scores is a large share of the step (docs/inference.md). Training
+# keeps its compute mode's selection: the kernel's sparse backward sums in another order, and
+# committed runs must re-run bit for bit.
+DECODE_NATIVE = DecodeOps("decode-native/cpu", cpu.project, cpu.select_topk, None)
 
 OPS = {
     ("naive", "portable"): Ops("naive/portable", portable.project, pk.product_key_topk, None),
@@ -149,10 +154,12 @@ def _native_builds() -> bool:
 
 def decode_ops(platform_name: str | None = None, *, owner: str = "layer", dtype=jnp.float32,
                param_dtype=jnp.float32) -> Ops:
-    """The ``gather_dot`` / ``embedding_bag`` of the decode path (``layers/expert_decode.py``):
-    on the ``cpu`` backend, where the native kernels build, ``DECODE_NATIVE`` (each pair reads its
-    row from the table, no ``[M·h·k, d]`` gather, any table size, float32 or bfloat16 tables);
-    elsewhere, or without a C++ compiler, ``ops('naive')``: one XLA gather of all rows + einsum."""
+    """The ``select_topk``, ``gather_dot`` and ``embedding_bag`` of the decode path
+    (``layers/expert_decode.py``): on the ``cpu`` backend, where the native kernels build,
+    ``DECODE_NATIVE`` (the C++ product-key selection, exact, with its sparse VJP; table reads in
+    which each pair reads its row from the table, no ``[M·h·k, d]`` gather, any table size,
+    float32 or bfloat16 tables); elsewhere, or without a C++ compiler, ``ops('naive')``: XLA's
+    product-key top-k, one XLA gather of all rows + einsum."""
     if backend(platform_name) == "cpu" and _native_builds():
         return DECODE_NATIVE
     return ops("naive", platform_name, owner=owner, dtype=dtype, param_dtype=param_dtype)

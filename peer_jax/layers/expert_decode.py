@@ -17,14 +17,15 @@ of up to that many rows, and short prefills. Meant for
 inference, but not wrong under a gradient: the gradient is the plain gather's (exact); it keeps
 the gathered rows (``2·M·h·k·d`` values for PEER), which the token bound keeps small.
 
-Under ``TableLookup`` (``layers/expert_tables.py``) the choice is made inside the local read-out
-the lookup runs, so it applies per device to the tokens that device reads (in the
-memory-parallel layout: all tokens of its group) on its column slice of the tables.
+The same choice picks the router's product-key selection: the decode ops' ``select_topk`` (on
+CPU, where the native kernels build, the C++ selection, a fraction of the cost of XLA:CPU's
+top-k at decode sizes; else XLA's top-k). The layer makes the choice once per
+call (``ProductKeyLayer._route_and_read``) from ``M`` as the lookup's local read-out sees it
+(``TableLookup.local_tokens``, ``layers/expert_tables.py``): per device, the tokens that device
+reads (in the memory-parallel layout: all tokens of its group) on its column slice of the tables.
 """
 
 from __future__ import annotations
-
-import functools
 
 # Decode steps up to batch 256 and prefills up to 256 tokens take the decode path: on XLA:CPU
 # the training loop is unusable on bfloat16 tables (above), and on float32 tables the two
@@ -42,18 +43,6 @@ def check_max_tokens(owner: str, max_tokens: int) -> None:
 
 
 def uses_gather(train: bool, tokens: int, max_tokens: int) -> bool:
-    """Whether a lookup over ``tokens`` local tokens takes the decode path."""
+    """Whether a lookup over ``tokens`` local tokens takes the decode path (its router then
+    selects with the decode ops too)."""
     return not train and 0 < tokens <= max_tokens
-
-
-def select(fn, *, train: bool, max_tokens: int):
-    """The local read-out ``TableLookup`` runs: ``fn(x, tables, idx, scores, reduce, gather=...)``
-    with ``gather=True`` (the layer's ``gather_ops``: all rows at once) when
-    ``uses_gather`` holds for the local token count ``idx.shape[0]``, else with its own ops."""
-    if train or max_tokens == 0:
-        return fn
-
-    def read_out(x, tables, idx, scores, reduce):
-        return fn(x, tables, idx, scores, reduce, gather=uses_gather(train, idx.shape[0], max_tokens))
-
-    return functools.wraps(fn)(read_out)

@@ -194,6 +194,17 @@ class TableLookup:
             return out.reshape(b, t, -1).astype(out_dtype or out.dtype)
         return self._sharded(fn, lay, tables, idx, scores, x, out_dtype)
 
+    def local_tokens(self, b: int, t: int) -> int:
+        """How many tokens ``fn`` sees per call (its ``idx.shape[0]``) for a ``[b, t]`` lookup:
+        all of them on one device, else one device's tokens plus those gathered from its
+        memory-parallel group."""
+        lay = layout(self.owner, self.d_model, b, t) if self.sharded else None
+        if lay is None:
+            return b * t
+        shape = jax.sharding.get_abstract_mesh().shape
+        size = lambda axes: math.prod(shape[a] for a in axes)  # noqa: E731
+        return b // size(lay.batch) * size(lay.gathered) * (t // size(lay.length))
+
     def _sharded(self, fn: LocalFn, lay: Layout, tables, idx, scores, x, out_dtype) -> jax.Array:
         mesh = jax.sharding.get_abstract_mesh()
         x_spec, route_spec, table_spec = lay.specs()

@@ -60,7 +60,8 @@ class PEER(ProductKeyLayer):
         their gradients exist one chunk at a time (4·h·√N floats per token otherwise); None
         searches all tokens at once. Same results.
       decode_gather_max_tokens: in eval mode, a lookup over at most this many tokens (per
-        device) gathers all its h·k rows at once instead of running ``compute``'s slot loop
+        device) gathers all its h·k rows at once instead of running ``compute``'s slot loop,
+        and its router selects with the decode ops' top-k (the C++ selection on CPU)
         (``layers/expert_decode.py``: decode steps, short prefills); 0 never does.
       bn_momentum, bn_epsilon: query BatchNorm settings (flax defaults).
       table_init, key_init: override initialisers of u/v and of the sub-keys.

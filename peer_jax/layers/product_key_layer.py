@@ -10,6 +10,8 @@ values as it always has.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
@@ -66,13 +68,15 @@ class ProductKeyLayer(nnx.Module):
 
     def _route_and_read(self, read_out, tabs: tuple, x: jax.Array, *, mask, train: bool, pass_x: bool) -> jax.Array:
         """Routes ``x [B, T, d_model]``, sows ``expert_mass`` and runs ``read_out`` (the local
-        read-out, with the decode path chosen per call) through the table lookup."""
+        read-out) through the table lookup. The decode path (``expert_decode``) is chosen here,
+        once per call, for both the router's selection and the read-out."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"{self.OWNER} expects x of shape [B, T, {self.d_model}]; got {x.shape}.")
-        g, idx = self.router(x, mask=mask, train=train)
+        b, t = x.shape[:2]
+        gather = expert_decode.uses_gather(train, self.lookup.local_tokens(b, t), self.decode_gather_max_tokens)
+        g, idx = self.router(x, mask=mask, train=train, select_topk=self._ops(gather).select_topk)
         intermediates.sow_expert_mass(self, idx, g, self.num_experts, mask)
         s = self.heads * self.top_k
-        fn = expert_decode.select(read_out, train=train, max_tokens=self.decode_gather_max_tokens)
-        out = self.lookup(fn, tabs, idx.reshape(*x.shape[:2], s), g.reshape(*x.shape[:2], s),
-                          x if pass_x else None, out_dtype=x.dtype)
+        out = self.lookup(functools.partial(read_out, gather=gather), tabs, idx.reshape(b, t, s),
+                          g.reshape(b, t, s), x if pass_x else None, out_dtype=x.dtype)
         return shd.constrain(out, ("batch", "length", "embed"))

@@ -138,13 +138,16 @@ class ProductKeyRouter(nnx.Module):
             q = self.query_bn(q, use_running_average=not train, mask=bn_mask)
         return q.astype(jnp.float32).reshape(b, t, self.heads, self.d_key)
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False):
-        """Router weights and item indices, each ``[B, T, heads, top_k]`` (float32, int32)."""
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, train: bool = False, select_topk=None):
+        """Router weights and item indices, each ``[B, T, heads, top_k]`` (float32, int32).
+        ``select_topk``: the selection to run instead of ``ops.select_topk`` (the layer's decode
+        path hands its own, ``layers/expert_decode.py``); same results up to ties."""
         q = self.queries(x, mask=mask, train=train)
         # The search runs over chunks of about route_chunk_tokens tokens *per device*.
         chunk = None if self.route_chunk_tokens is None else self.route_chunk_tokens * shd.data_parallel_size()
-        scores, idx = self.ops.select_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k,
-                                           approx=self.approx_topk, chunk_tokens=chunk)
+        select_topk = select_topk or self.ops.select_topk
+        scores, idx = select_topk(q, self.sub_keys[...].astype(jnp.float32), self.top_k, approx=self.approx_topk,
+                                  chunk_tokens=chunk)
         g = jax.nn.softmax(scores, axis=-1) if self.score_fn == "softmax" else jax.nn.sigmoid(scores)
         return g, idx
 
