@@ -230,12 +230,17 @@ def layer_group(group: str, repeats: int) -> dict:
     subprocess: XLA:CPU's freed tables stay in the (tuned) heap, so groups must not share one."""
     kind, dtype = GROUPS[group]
     bw = bandwidth(repeats)
-    rows = time_group(build_group(kind, dtype), dtype, repeats)
+    cands = build_group(kind, dtype)
+    rows = [{**r, "pages": "4 KiB"} for r in time_group(cands, dtype, repeats)]
+    # Then the same candidates with every parameter array on 2 MiB pages (what peer_jax.sample
+    # does on CPU): same process, same tables, dense included.
+    pages = runtime.huge_pages([s for (_, _, s) in cands.values()])
+    rows += [{**r, "pages": "2 MiB"} for r in time_group(cands, dtype, repeats)]
     for r in rows:
         r["group"] = group
         if "median_ms" in r:
             r["of_bandwidth"] = r["bytes_per_step"] / (r["median_ms"] / 1e3) / (bw["GBps"] * 1e9)
-    out = {"group": group, "bandwidth": bw, "rows": rows,
+    out = {"group": group, "bandwidth": bw, "rows": rows, "huge_pages": pages,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     if group == "bfloat16":
         out["bf16_peer_temp_bytes_batch64"] = bf16_training_path_temp()
@@ -266,13 +271,13 @@ def layer_level(repeats: int, common: list[str]) -> list[dict]:
 
 def print_layer(rows, bw):
     print(f"\nlayer decode step (T = 1), memory bandwidth {bw['GBps']:.1f} GB/s ({bw['method']})")
-    print(f"{'candidate':34s} {'dtype':9s} {'batch':>5s} {'median ms':>10s} {'vs dense':>9s} "
+    print(f"{'candidate':34s} {'dtype':9s} {'pages':>5s} {'batch':>5s} {'median ms':>10s} {'vs dense':>9s} "
           f"{'MB/token':>9s} {'of bw':>6s} loop")
     for r in rows:
         if "error" in r:
             print(f"{r['candidate']:34s} batch {r['batch']}: {r['error']}")
             continue
-        print(f"{r['candidate']:34s} {r['dtype']:9s} {r['batch']:5d} {r['median_ms']:10.2f} {r['vs_dense']:8.2f}x "
+        print(f"{r['candidate']:34s} {r['dtype']:9s} {r['pages']:>5s} {r['batch']:5d} {r['median_ms']:10.2f} {r['vs_dense']:8.2f}x "
               f"{r['bytes_per_step'] / r['batch'] / 1e6:9.2f} {r['of_bandwidth']:6.1%} {'yes' if r['has_loop'] else 'no'}",
               flush=True)
 
@@ -294,14 +299,15 @@ def model_case(ffw: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
         graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(VOCAB, rngs=nnx.Rngs(0), **kw)),
                                            nnx.Param, ...)
         params, rest = filled_state(params), filled_state(rest)
+        pages = runtime.huge_pages(params)  # as the sample CLI does on CPU
         setup = step_lib.ModelSetup(graphdef, mesh, rules, {})
         rng = np.random.default_rng(0)
         rows = [rng.integers(2, VOCAB, prompt_len).tolist() for _ in range(batch)]
         # eos_id=-1: no row stops early, so every call decodes exactly new_tokens tokens.
         run = functools.partial(sample.generate, setup, params, rest, rows, new_tokens, vocab_size=VOCAB, eos_id=-1)
-        # generate() jits fresh closures on every call, so each call traces and compiles again
-        # (the persistent cache turns the second compile into a load); that time is measured as
-        # the union of the intervals JAX reports (nested traces are not counted twice).
+        # generate() caches its jitted prefill and step, so the timed second call should not
+        # compile; whatever JAX does report compiling in it is subtracted, measured as the union
+        # of the intervals it reports (nested traces are not counted twice).
         spans = []
         jax.monitoring.register_event_duration_secs_listener(
             lambda event, secs, **_: spans.append((time.perf_counter() - secs, time.perf_counter()))
@@ -322,6 +328,7 @@ def model_case(ffw: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
     return {"ffw": ffw, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "tokens": n,
             "wall_s": wall, "compile_s_subtracted": compile_s, "first_call_s": first,
             "tokens_per_s": n / timed, "dtype": "bfloat16 params and compute", "malloc": runtime.configure_malloc(),
+            "huge_pages": pages,
             "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 

@@ -80,3 +80,51 @@ def configure_compilation_cache(path: str | None) -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
+
+
+# <sys/mman.h>; MADV_COLLAPSE since Linux 6.1.
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_HUGE = 2 << 20
+
+
+def huge_pages(tree, min_bytes: int = 4 << 20) -> dict:
+    """Backs the large CPU arrays of ``tree`` with 2 MiB pages, now (best effort).
+
+    Why: a decode step reads a few rows from each of PEER's or PKM's multi-GB tables; with 4 KiB
+    pages nearly every row read is a TLB miss and a page walk, which dominates the read itself
+    (docs/inference.md). For every addressable CPU shard of at least ``min_bytes``, the 2 MiB
+    aligned part of its buffer is marked ``MADV_HUGEPAGE`` (so the kernel keeps it huge) and
+    collapsed with ``MADV_COLLAPSE`` (synchronous; Linux ≥ 6.1 with transparent huge pages not
+    ``never``). Values are untouched: the kernel copies the pages. Returns {"arrays", "bytes"
+    (aligned bytes advised), "collapsed" (bytes the kernel collapsed), "errors" (errno names)};
+    on other systems it does nothing."""
+    out = {"arrays": 0, "bytes": 0, "collapsed": 0, "errors": []}
+    if platform.system() != "Linux":
+        return out
+    import errno
+
+    import jax
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            data = shard.data
+            if shard.device.platform != "cpu" or data.nbytes < min_bytes:
+                continue
+            jax.block_until_ready(data)
+            ptr = data.unsafe_buffer_pointer()
+            start, end = (ptr + _HUGE - 1) & ~(_HUGE - 1), (ptr + data.nbytes) & ~(_HUGE - 1)
+            if end <= start:
+                continue
+            out["arrays"] += 1
+            out["bytes"] += end - start
+            for advice in (_MADV_HUGEPAGE, _MADV_COLLAPSE):
+                if libc.madvise(start, end - start, advice) != 0:
+                    out["errors"].append(errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno())))
+                    break
+            else:
+                out["collapsed"] += end - start
+    return out
