@@ -124,7 +124,7 @@ def test_step_timing_times_every_variant_in_every_round(tmp_path):
         assert v["step_s_min"] <= v["step_s_p25"] <= v["step_s_median"] <= v["step_s_p75"] <= v["step_s_max"]
         assert v["step_s_round_medians"] == pytest.approx([statistics.median(x) for x in rounds])
         assert v["predicted_wall_s"] == pytest.approx(v["num_steps"] * v["step_s_median"])
-        assert v["compile_s"] > 0 and v["tokens_per_step"] == 128
+        assert v["compile_s"] > 0 and v["setup_s"] > 0 and v["tokens_per_step"] == 128
     assert "peer_1e9_L1_d16_h1/native" in r.stdout and f"wrote {out}" in r.stdout
 
 

@@ -136,7 +136,8 @@ def plot(rs: list[dict], bests: dict, timing: dict, task: str, path: Path) -> No
     fig, ax = plt.subplots(figsize=(8, 5.6))
     for key in sorted(bests, key=_order):
         method, compute = key
-        pts = sorted((r for r in rs if (r["method"], r["compute"]) == key), key=lambda r: r["wall_s"])
+        # in order of model size: the line is the budget's isoFLOP curve, drawn against time
+        pts = sorted((r for r in rs if (r["method"], r["compute"]) == key), key=lambda r: r["params"])
         native = compute == "native"
         color = COLORS.get(method)
         ax.plot([r["wall_s"] for r in pts], [r["loss"] for r in pts], "--" if native else "-", marker="o",
@@ -148,8 +149,8 @@ def plot(rs: list[dict], bests: dict, timing: dict, task: str, path: Path) -> No
     ax.set_xscale("log")
     ax.set_xlabel("predicted CPU training wall time (s): steps × median step time on this host")
     ax.set_ylabel(f"final {task} eval loss")
-    ax.set_title(f"iso-wall-clock, grid {timing['grid']} at {budget_tag(float(timing['budget']))} FLOPs; "
-                 "stars: each method's lowest loss", fontsize=9)
+    ax.set_title(f"iso-wall-clock, grid {timing['grid']} at {budget_tag(float(timing['budget']))} FLOPs: shapes "
+                 "joined in order of size; stars: each method's lowest loss", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption(timing), 150)), fontsize=6.5, va="bottom")
