@@ -94,21 +94,35 @@ def build(name: str, gin_files: list[str], bindings: list[str]) -> dict:
     }
 
 
-def time_interleaved(variants: list[dict], warmup: int, rounds: int, steps: int) -> None:
+def time_interleaved(variants: list[dict], warmup: int, rounds: int, steps: int) -> list[float]:
     """Times every built variant's step: `warmup` untimed steps each, then `rounds` rounds in
     which each variant runs `steps` timed steps back to back (interleaved, so background load
-    hits all alike). Appends the step times to v["times"]; the state is donated and replaced."""
+    hits all alike). Each step reads v["batch"], or the next of v["batches"] (cycled). Appends
+    the step times to v["times"] and, per round, to v["round_times"]; returns the 1-minute load
+    average after each round. The state is donated and replaced."""
+    def run(v):
+        batches = v.get("batches") or [v["batch"]]
+        batch = batches[v["calls"] % len(batches)]
+        v["calls"] += 1
+        v["state"] = jax.block_until_ready(v["compiled"](v["state"], batch)[0])
+
     for v in variants:
+        v["calls"] = 0
         for _ in range(warmup):
-            v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
-        v["times"] = []
+            run(v)
+        v["times"], v["round_times"] = [], []
+    loads = []
     for r in range(rounds):
         for v in variants:
+            v["round_times"].append([])
             for _ in range(steps):
                 t0 = time.perf_counter()
-                v["state"] = jax.block_until_ready(v["compiled"](v["state"], v["batch"])[0])
-                v["times"].append(time.perf_counter() - t0)
-        print(f"... round {r + 1}/{rounds}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+                run(v)
+                v["round_times"][-1].append(time.perf_counter() - t0)
+            v["times"].extend(v["round_times"][-1])
+        loads.append(os.getloadavg()[0])
+        print(f"... round {r + 1}/{rounds}, load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+    return loads
 
 
 def _git_rev() -> str:
