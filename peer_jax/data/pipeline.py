@@ -61,7 +61,8 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
     """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz). A set read from
     files reads them from `eval_data_dir` (TrainConfig.eval_data_dir; see `eval_tasks.data_dir`)."""
     task = tasks_lib.get_task(task_name, vocab, eval_tasks.data_dir(eval_data_dir))
-    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION) + tasks_lib.source_key(task_name)
+                            ).encode()).hexdigest()[:12]
     path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
     if use_cache and path.exists():
         with np.load(path) as z:
