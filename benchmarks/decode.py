@@ -1,6 +1,6 @@
 """What a decoded token costs: PEER and PKM against the dense FFW they replace, at paper size.
 
-  python benchmarks/decode.py                      # layer and model level, ~6 min on 2 CPU cores
+  python benchmarks/decode.py                      # layer and model level, ~15 min on 2 idle CPU cores
   python benchmarks/decode.py --skip_model          # layer level only
 
 **Layer level.** One eval-mode forward of one layer (query BatchNorm on running statistics)
@@ -31,7 +31,11 @@ values of the initialisers' scales (no random-number generation over 2.7·10⁹ 
 1 and 64, prompts of ``--prompt_len`` tokens, ``--new_tokens`` new tokens. Each (model, batch)
 case runs in its own subprocess (peak memory: one model), with the system allocator unless
 ``$PEER_JAX_MALLOC`` says otherwise; ``generate`` is called once to compile and once timed,
-minus the compile time JAX reports for that call (jax.monitoring).
+minus the compile time JAX reports for that call (jax.monitoring). The cases run one after
+another, every case once per round (``--model_rounds``, order reversed every other round); a
+case's tokens/s is its median over the rounds, its ratio the median of its per-round ratios to
+the dense model. Parameters are put on 2 MiB pages first (``runtime.huge_pages``), as the sample
+CLI does; the layer groups are timed on 4 KiB pages and then on 2 MiB pages, in one process.
 
 Writes the table to stdout and JSON to ``--out``; ``uptime`` before and after is recorded.
 """
@@ -333,22 +337,35 @@ def model_case(ffw: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
-def model_level(prompt_len: int, new_tokens: int, common: list[str]) -> list[dict]:
+def model_level(prompt_len: int, new_tokens: int, common: list[str], rounds: int = 2) -> list[dict]:
     # Each one-token step of a bf16 model allocates a fresh float32 copy of its weights (1.5 GB
     # of temporaries for the dense model); the tuned allocator, which never returns memory, let
     # the RSS of one case climb past 14 GB. The system allocator hands it back after each step.
     env = {"PEER_JAX_MALLOC": os.environ.get("PEER_JAX_MALLOC", "system")}
-    out = []
+    # The cases run one after another (each needs the memory of a whole model), so load drift
+    # would favour whichever ran when the machine was quieter: every case runs once per round,
+    # in reversed order every other round, and a case's figure is its median over the rounds,
+    # its ratio the median of the per-round ratios to the dense model.
+    out, runs = [], {}
     for batch in (1, 64):
+        for rnd in range(rounds):
+            for ffw in ("dense", "peer", "pkm")[::1 if rnd % 2 == 0 else -1]:
+                r = {"ffw": ffw, "batch": batch, "round": rnd, **_subprocess_json(
+                    ["--model_case", ffw, "--batch", str(batch), "--prompt_len", str(prompt_len),
+                     "--new_tokens", str(new_tokens), *common], env)}
+                runs.setdefault((ffw, batch), []).append(r)
+                print(json.dumps(r), flush=True)
         for ffw in ("dense", "peer", "pkm"):
-            r = {"ffw": ffw, "batch": batch, **_subprocess_json(
-                ["--model_case", ffw, "--batch", str(batch), "--prompt_len", str(prompt_len),
-                 "--new_tokens", str(new_tokens), *common], env)}
-            dense = next((d for d in out if d["ffw"] == "dense" and d["batch"] == batch and "tokens_per_s" in d), None)
-            if dense and "tokens_per_s" in r:
-                r["vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
-            out.append(r)
-            print(json.dumps(r), flush=True)
+            ok = [r for r in runs[(ffw, batch)] if "tokens_per_s" in r]
+            if not ok:
+                out.append(runs[(ffw, batch)][-1])
+                continue
+            dense = {r["round"]: r["tokens_per_s"] for r in runs[("dense", batch)] if "tokens_per_s" in r}
+            ratios = [r["tokens_per_s"] / dense[r["round"]] for r in ok if r["round"] in dense]
+            out.append({**ok[-1], "round": None, "rounds": [r["tokens_per_s"] for r in ok],
+                        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
+                        "peak_rss_gb": max(r["peak_rss_gb"] for r in ok),
+                        **({"vs_dense": statistics.median(ratios), "vs_dense_rounds": ratios} if ratios else {})})
     print(f"\nmodel decode (peer_jax.sample.generate, L{MODEL['num_layers']} d{D} h20, bf16 params), prompt {prompt_len} + "
           f"{new_tokens} new tokens")
     print(f"{'ffw':6s} {'batch':>5s} {'tokens/s':>9s} {'vs dense':>9s} {'params GB':>10s} {'peak RSS GB':>12s}")
@@ -372,6 +389,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new_tokens", type=int, default=24)
     ap.add_argument("--skip_layer", action="store_true")
     ap.add_argument("--skip_model", action="store_true")
+    ap.add_argument("--model_rounds", type=int, default=2, help="rounds of the model cases (median over rounds)")
     ap.add_argument("--out", default="benchmarks/results/decode/decode.json")
     ap.add_argument("--model_case", choices=["dense", "peer", "pkm"], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -398,7 +416,7 @@ def main(argv=None) -> int:
     if not args.skip_layer:
         result["layer"] = layer_level(args.repeats, common)
     if not args.skip_model:
-        result["model"] = model_level(args.prompt_len, args.new_tokens, common)
+        result["model"] = model_level(args.prompt_len, args.new_tokens, common, args.model_rounds)
     result["uptime_after"] = _uptime()
     result["peak_rss_gb"] = {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                              "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6}

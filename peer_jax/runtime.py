@@ -107,6 +107,7 @@ def huge_pages(tree, min_bytes: int = 4 << 20) -> dict:
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    seen = set()  # a buffer that appears twice in the tree is advised once
     for leaf in jax.tree.leaves(tree):
         if not isinstance(leaf, jax.Array):
             continue
@@ -116,6 +117,9 @@ def huge_pages(tree, min_bytes: int = 4 << 20) -> dict:
                 continue
             jax.block_until_ready(data)
             ptr = data.unsafe_buffer_pointer()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
             start, end = (ptr + _HUGE - 1) & ~(_HUGE - 1), (ptr + data.nbytes) & ~(_HUGE - 1)
             if end <= start:
                 continue

@@ -66,7 +66,7 @@ HUGE = textwrap.dedent("""
     small = jnp.ones((4, 4))
     huge = lambda: int([l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1])
     before = huge()
-    report = runtime.huge_pages({"table": x, "small": small}, min_bytes=1 << 20)
+    report = runtime.huge_pages({"table": x, "again": x, "small": small}, min_bytes=1 << 20)
     same = bool(jnp.array_equal(x, jnp.arange(8 * 2**20, dtype=jnp.float32).reshape(2**13, 2**10)))
     print(json.dumps({**report, "huge_kb_gained": huge() - before, "same": same}))
 """)
@@ -74,7 +74,7 @@ HUGE = textwrap.dedent("""
 
 @pytest.mark.skipif(sys.platform != "linux", reason="madvise")
 def test_huge_pages_collapses_large_arrays_and_keeps_their_values():
-    """The table's aligned 2 MiB pages are advised (the 64-byte array is not) and its values are
+    """The table's aligned 2 MiB pages are advised once (the 64-byte array not) and its values are
     unchanged; where the kernel reports the collapse done, the process holds that many more KiB in
     huge pages (a kernel without MADV_COLLAPSE or with THP off reports the errno instead)."""
     import json
