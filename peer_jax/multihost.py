@@ -280,6 +280,17 @@ def any_host(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Every host waits here until all have arrived (the coordination service's barrier, not a
+    collective); a no-op outside a pod. Why: gloo builds its context at the first collective and
+    waits only 30 s for the other hosts, so hosts that finish their set-up (compiles, data) more
+    than 30 s apart fail there; after this barrier they reach it together. A host that dies
+    meanwhile is caught by the watchdog long before `timeout_s`."""
+    if _POD is None:
+        return
+    _POD.client.wait_at_barrier(f"{_KV}/{name}", int(max(timeout_s, _POD.host_timeout_s) * 1000))
+
+
 def check_workdir(workdir: str) -> None:
     """Fails fast on a gs:// workdir without credentials and on a workdir the hosts don't share."""
     if workdir.startswith("gs://"):

@@ -84,6 +84,7 @@ class Trainer:
                                       shard_index=self.eval_shard[0], num_shards=self.eval_shard[1],
                                       eval_data_dir=cfg.eval_data_dir), None)
         self.state = built.init_state()
+        multihost.barrier("setup_done")  # before orbax's first cross-host sync (a gloo collective)
         self.mngr = ckpt.manager(str(self.workdir / "checkpoints"), keep=cfg.keep_checkpoints,
                                  asynchronous=cfg.async_checkpointing)
         self.meta = built.meta()
