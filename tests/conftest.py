@@ -7,6 +7,8 @@ The CLIs that tests start as subprocesses (simulated pods, launches, kill-and-re
 the same tiny programs again and again, so they share one persistent compilation cache for the
 session (made by the pytest controller, handed to the xdist workers in PEER_JAX_TEST_XLA_CACHE,
 removed at the end). The test processes themselves never use one: some tests count compiles.
+Every process shares the user's packed-data cache, also the simulated TPU workers, whose HOME
+is their own folder (launch/sim/gcloud): otherwise each would pack the corpus again.
 """
 import os
 import shutil
@@ -17,6 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("PEER_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "peer_jax"))
 
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # not even the user's own, in-process
 import jax  # noqa: E402

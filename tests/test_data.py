@@ -1,5 +1,7 @@
 """seqio tasks and resumable batch iterators."""
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 import seqio
@@ -144,3 +146,23 @@ def test_kjv_novel_drops_verses_that_repeat_training_text():
     assert {d.split("\n")[0] for d in novel} <= {d.split("\n")[0] for d in val}
     arrays = pipeline.packed_arrays("kjv_novel", "validation", 64, BYTES)
     assert 0.9 * sum(map(len, val)) < arrays["weights"].sum() < sum(len(d) + 1 for d in val)
+
+
+def test_runs_started_together_pack_a_split_once(tmp_path, monkeypatch):
+    """Two builders of one cache entry (the hosts of a pod, runs started together): the second
+    waits for the first one's file instead of packing the split again."""
+    monkeypatch.setenv("PEER_JAX_CACHE", str(tmp_path))
+    packs = []
+    real_pack = pipeline._pack
+
+    def counting_pack(*args):
+        packs.append(args[2:])
+        return real_pack(*args)
+
+    monkeypatch.setattr(pipeline, "_pack", counting_pack)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: pipeline.packed_arrays("pydoc", "validation", 64, BYTES), range(2))
+    assert packs == [("validation", 64)]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert [p.suffix for p in (tmp_path / "packed").iterdir() if p.suffix != ".lock"] == [".npz"]

@@ -15,6 +15,7 @@ Batches are dicts of int32/float32 arrays [batch, length]: `inputs`, `targets`, 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 
@@ -64,19 +65,34 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
     key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION) + tasks_lib.source_key(task_name)
                             ).encode()).hexdigest()[:12]
     path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
-    if use_cache and path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    if not use_cache:
+        return _pack(task, task_name, split, seq_len)
+    if path.exists():
+        return _load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per cache entry: the hosts of a pod sharing a cache, or runs started together,
+    # wait for the first one's arrays instead of each packing the split again.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return _load(path)
+        arrays = _pack(task, task_name, split, seq_len)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: a reader without the lock never sees a half-written cache
+    return arrays
+
+
+def _load(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _pack(task: seqio.Task, task_name: str, split: str, seq_len: int) -> dict[str, np.ndarray]:
     rows = [_to_batch(ex) for ex in _seqio_dataset(task, split, seq_len).as_numpy_iterator()]
     if not rows:
         raise ValueError(f"data task {task_name!r} split {split!r} produced no examples.")
-    arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
-    return arrays
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 _PIPELINE_VERSION = 1  # bump when preprocessing changes, to invalidate cached arrays

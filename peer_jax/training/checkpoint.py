@@ -23,6 +23,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler gets
 
 from peer_jax import cli
 
@@ -31,8 +32,22 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# Replica-parallel saving (each replica of a replicated array copies one slice of it to host)
+# compiles a slice program per array shape at the first save; for small arrays that costs more
+# than copying one replica whole. Arrays with larger per-replica slices (expert tables at
+# scale) keep it. orbax's own default handler, but for this threshold.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
+
 def manager(directory: str, keep: int = 3, save_interval_steps: int = 1,
             asynchronous: bool = True) -> ocp.CheckpointManager:
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=save_interval_steps,

@@ -1,0 +1,61 @@
+"""Checkpoint saving on a mesh with replicated arrays (8 fake CPU devices)."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from peer_jax import sharding
+from peer_jax.training import checkpoint as ckpt
+
+
+class _Iterator:
+    def get_state(self):
+        return {"step": 0}
+
+    def set_state(self, state):
+        pass
+
+
+class _CompileNames(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Finished XLA compilation of "):
+            self.names.append(msg.split(" of ", 1)[1].split(" in ", 1)[0])
+
+
+def test_small_replicated_arrays_save_whole_large_ones_replica_parallel(tmp_path):
+    """Below REPLICA_PARALLEL_MIN_SLICE_BYTES per replica slice an array replicated over 8
+    devices is copied from one replica (no slice program is compiled); above it, each of the 8
+    replicas copies its slice (a slice program each). All restore to the saved values."""
+    mesh = sharding.make_mesh((8, 1, 1))
+    replicated = NamedSharding(mesh, P())
+    big_rows = 8 * ckpt.REPLICA_PARALLEL_MIN_SLICE_BYTES // (4 * 16)  # 8 slices of exactly the threshold
+    state = {"small": jax.device_put(jnp.arange(4096, dtype=jnp.float32).reshape(256, 16), replicated),
+             "other_small": jax.device_put(jnp.ones((64, 8), jnp.float32), replicated),
+             "large": jax.device_put(jnp.arange(big_rows * 16, dtype=jnp.float32).reshape(big_rows, 16), replicated)}
+    seen = _CompileNames()
+    logger = logging.getLogger("jax")
+    old_level = logger.level
+    logger.addHandler(seen)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            mngr = ckpt.manager(str(tmp_path / "ckpt"))
+            ckpt.save(mngr, 1, state, _Iterator(), {"run": "test"}, force=True)
+            mngr.wait_until_finished()
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(old_level)
+    assert seen.names.count("jit(slice)") == 8, seen.names  # the large array's only: 8 more per sliced small one
+    restored, meta = ckpt.restore(mngr, state, jax.tree.map(lambda x: x.sharding, state))
+    mngr.close()
+    assert meta == {"run": "test"}
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]), err_msg=k)
