@@ -14,6 +14,7 @@ already placed on the mesh. A checkpoint that cannot be read into this run's sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -39,10 +40,17 @@ class CheckpointError(RuntimeError):
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 
 
+@functools.cache
 def _register_array_handler() -> None:
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        array_metadata_store=array_metadata_store.Store(),
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that the registry entry for jax.Array is replaced
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+    finally:
+        absl.setLevel(level)
 
 
 def manager(directory: str, keep: int = 3, save_interval_steps: int = 1,
