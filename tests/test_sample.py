@@ -38,21 +38,29 @@ def mesh_rules():
     return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), sharding.RULES_DEFAULT
 
 
-@pytest.fixture(scope="module")
-def decoded(mesh_rules):
-    """Per model: (setup, state, cached (tokens, logprobs), no-cache (tokens, logprobs))."""
-    mesh, rules = mesh_rules
-    out = {}
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        for name, kw in MODELS.items():
-            factory = functools.partial(Transformer, **TINY, **kw)
-            setup, state, _ = step_lib.create_train_state(factory, optax.sgd(0.1), V, 16, 0, mesh, rules)
+class _Decoded(dict):
+    """Per model, built on first use (an xdist worker builds only the models its tests read):
+    (setup, state, cached (tokens, logprobs), no-cache (tokens, logprobs))."""
+
+    def __init__(self, mesh, rules):
+        super().__init__()
+        self.mesh, self.rules = mesh, rules
+
+    def __missing__(self, name):
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            factory = functools.partial(Transformer, **TINY, **MODELS[name])
+            setup, state, _ = step_lib.create_train_state(factory, optax.sgd(0.1), V, 16, 0, self.mesh, self.rules)
             # Query-BN running statistics away from their initial (0, 1), so eval mode matters.
             state["model_state"] = jax.tree.map(lambda x: x * 0.5 + 0.3, state["model_state"])
             run = functools.partial(sample.generate, setup, state["params"], state["model_state"], ROWS, NEW,
                                     vocab_size=VOCAB, eos_id=EOS)
-            out[name] = setup, state, run(), run(use_cache=False)
-    return out
+            self[name] = setup, state, run(), run(use_cache=False)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def decoded(mesh_rules):
+    return _Decoded(*mesh_rules)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -154,7 +162,8 @@ GIN = ["--gin_file=configs/runs/tiny_cpu.gin", "--gin.transformer.Transformer.nu
        "--gin.transformer.Transformer.d_model=32", "--gin.transformer.Transformer.num_heads=1",
        "--gin.config.TrainConfig.num_steps=1", "--gin.config.TrainConfig.batch_size=8",
        "--gin.config.TrainConfig.seq_len=32", "--gin.config.TrainConfig.eval_every=1",
-       "--gin.config.TrainConfig.eval_batches=1", "--gin.config.TrainConfig.checkpoint_every=1",
+       "--gin.config.TrainConfig.eval_batches=1", "--gin.config.TrainConfig.final_eval_batches=1",
+       "--gin.config.TrainConfig.checkpoint_every=1",
        "--gin.config.TrainConfig.progress_bar=False", "--gin.config.TrainConfig.tensorboard=False"]
 
 
