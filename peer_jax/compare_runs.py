@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     a = p.parse_args(argv)
+    needed = ("operative_config.gin", "metrics.jsonl", "result.json")
+    missing = [f"{r} (no {', '.join(n for n in needed if not (Path(r) / n).is_file())})" for r in a.runs
+               if not all((Path(r) / n).is_file() for n in needed)]
+    if missing:
+        p.error("not a finished run folder: " + ", ".join(missing) + ". Pass the folders of finished runs, e.g. "
+                "RESULTS/seed0/*_h? rather than RESULTS/seed0/* (which also matches sweep.json).")
     rows = [describe(Path(r)) for r in a.runs]
     ppl_keys = sorted({k for r in rows for k in r if k.endswith("/ppl")})
     stat_keys = sorted({k for r in rows for k in r if k.endswith(("/usage", "/unevenness"))},

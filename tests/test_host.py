@@ -79,3 +79,12 @@ def test_thread_pin_checks_the_cpus_and_the_backend():
         jax.devices()
         with pytest.raises(host.PinError, match="must be applied before JAX's backend starts"):
             host.pin_threads(1)
+
+
+def test_compare_runs_refuses_a_path_that_is_not_a_finished_run(tmp_path, capsys):
+    (tmp_path / "sweep.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        compare_runs.main([str(tmp_path / "sweep.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a finished run folder" in err and "sweep.json (no operative_config.gin, metrics.jsonl, result.json)" in err
