@@ -149,7 +149,7 @@ def test_kjv_novel_drops_verses_that_repeat_training_text():
 
 
 def test_runs_started_together_pack_a_split_once(tmp_path, monkeypatch):
-    """Two builders of one cache entry (the hosts of a pod, runs started together): the second
+    """Two builders of one cache entry (runs started together, simulated pod hosts): the second
     waits for the first one's file instead of packing the split again."""
     monkeypatch.setenv("PEER_JAX_CACHE", str(tmp_path))
     packs = []

@@ -70,8 +70,8 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
     if path.exists():
         return _load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One builder per cache entry: the hosts of a pod sharing a cache, or runs started together,
-    # wait for the first one's arrays instead of each packing the split again.
+    # One builder per cache entry: processes sharing a cache (runs started together, the hosts of a
+    # simulated pod) wait for the first one's arrays instead of each packing the split again.
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
