@@ -425,6 +425,29 @@ def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
     assert dp[-1] < 1e7 * (1 + robustness.MUENNIGHOFF_R_STAR)
 
 
+def test_no_verdict_is_stated_from_a_curve_without_an_interior_optimum():
+    """The robustness table states "PEER lower" only where both curves have a fitted optimum; a
+    curve cut to 2 sizes (its best observed point stands in) blocks its verdicts, not the others."""
+    E, alpha, B, beta = 1.2, 0.35, 60.0, 0.3
+    groups = {}
+    for method, a in (("peer", 32.0), ("dense", 40.0)):
+        groups.update(_seeded_groups(np.random.default_rng(0), method=method, budgets=(1e12, 1e13), seeds=1,
+                                     sizes=(1e4, 2.5e4, 6e4, 1.5e5, 4e5, 1e6), noise=0.0,
+                                     truth=lambda n, d, b, a=a: E + a / n**alpha + B / d**beta))
+    names = {"peer": "PEER", "dense": "Dense"}
+
+    def table(groups):
+        rob = robustness.robustness(groups, ["kjv"], "active_non_embedding")
+        fits = [fit.fit_group(m, b, pts, ["kjv"], "active_non_embedding", 5) for (m, b), pts in groups.items()]
+        return {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+                for line in robustness.markdown(rob, fits, names).splitlines() if line.startswith("| PEER vs")}
+
+    assert table(groups) == {"PEER vs Dense 1e12": "PEER lower", "PEER vs Dense 1e13": "PEER lower"}
+    cut = {**groups, ("peer", 1e13): groups[("peer", 1e13)][2:4]}
+    assert table(cut) == {"PEER vs Dense 1e12": "PEER lower",
+                          "PEER vs Dense 1e13": "not stated: PEER 1e13 has no optimum inside its sizes (†)"}
+
+
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):
     rng = np.random.default_rng(0)
     for seed in (0, 1):

@@ -190,10 +190,17 @@ def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
         r, c = v["range"], ci.get(k)
         lines.append(f"| {method_names.get(m, m)} {b} | {r[0]:.4f} – {r[1]:.4f} "
                      f"| {'' if c is None else f'{c[0]:.4f} – {c[1]:.4f}'} |")
+    # A curve whose Approach 2 optimum is its best observed point (too few sizes, or the minimum
+    # at an end of the sampled sizes) has no measured optimum: no verdict is stated from it.
+    edge = {f"{f.method}@{budget_tag(f.budget)}" for f in fits if not f.from_fit}
     lines += ["", "| verdict (PEER − other, nats) | range over fit choices | holds under every choice |", "|---|---|---|"]
     for k, v in rob["verdicts"].items():
         o, b = k.split("-vs-")[1].split("@")
         r = v["range"]
-        holds = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
+        blocked = [f"{method_names.get(m, m)} {b}" for m in (REFERENCE, o) if f"{m}@{b}" in edge]
+        if blocked:
+            holds = f"not stated: {', '.join(blocked)} has no optimum inside its sizes (†)"
+        else:
+            holds = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
         lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {r[0]:+.4f} – {r[1]:+.4f} | {holds} |")
     return "\n".join(lines) + "\n"
