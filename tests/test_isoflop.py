@@ -9,6 +9,7 @@ slow, end to end with the real trainer on a two-point grid of tiny models.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -473,6 +474,10 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
             assert f["p_peer_lower"] is None
     table = (tmp_path / "fit/isoflop_table.md").read_text()
     assert "**Approach 3**" in table and "P(PEER lower)" in table and "| MoE 1e12 |" in table
+    held = {k: v["holds"] for k, v in out["robustness"]["verdicts"].items()}
+    assert set(held) == {f"peer-vs-{m}@{b}" for m in ("dense", "moe_dropless") for b in ("1e12", "3e12")}
+    for k, h in held.items():  # the JSON states what the table states
+        assert re.search(rf"\| PEER vs \S+ {k.split('@')[1]} \| [^|]+ \| {re.escape(h)} \|", table), (k, h)
     for png in ("isoflop.png", "isoflop_pydoc.png", "optimum.png"):
         assert (tmp_path / "fit" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         plots.plot(fits, t, out / ("isoflop.png" if i == 0 else f"isoflop_{t}.png"), args.params)
     plots.plot_optimum(fits, tasks[0], out / "optimum.png")
     rob = robustness.robustness(groups, tasks, args.params, args.unique_tokens)
+    for k, held in robustness.verdicts_held(rob, fits, METHOD_NAMES).items():
+        rob["verdicts"][k]["holds"] = held
     table = markdown_table(fits, tasks, args.params, parametric) + "\n" + robustness.markdown(rob, fits, METHOD_NAMES)
     (out / "isoflop_table.md").write_text(table)
     (out / "isoflop_fit.json").write_text(json.dumps(

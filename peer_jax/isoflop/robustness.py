@@ -178,6 +178,24 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
             "shared_E": shared_e, "curves": out_curves, "verdicts": verdicts}
 
 
+def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, str]:
+    """{verdict key: what holds under every fit choice}: "PEER lower", "PEER higher", "no: the
+    sign depends on the choice", or "not stated: …" when a curve's Approach 2 optimum is its best
+    observed point (too few sizes, non-convex, or the minimum at an end of the sampled sizes):
+    such a curve has no measured optimum to compare."""
+    edge = {f"{f.method}@{budget_tag(f.budget)}" for f in fits if not f.from_fit}
+    held = {}
+    for k, v in rob["verdicts"].items():
+        o, b = k.split("-vs-")[1].split("@")
+        r = v["range"]
+        blocked = [f"{method_names.get(m, m)} {b}" for m in (REFERENCE, o) if f"{m}@{b}" in edge]
+        if blocked:
+            held[k] = f"not stated: {', '.join(blocked)} has no optimum inside its sizes (†)"
+        else:
+            held[k] = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
+    return held
+
+
 def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
     """The verdict ranges next to each curve's bootstrap interval (Approach 2, primary set)."""
     ci = {f"{f.method}@{budget_tag(f.budget)}": ((f.ci95 or {}).get("optimal_loss") or {}).get(rob["primary"]) for f in fits}
@@ -190,17 +208,10 @@ def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
         r, c = v["range"], ci.get(k)
         lines.append(f"| {method_names.get(m, m)} {b} | {r[0]:.4f} – {r[1]:.4f} "
                      f"| {'' if c is None else f'{c[0]:.4f} – {c[1]:.4f}'} |")
-    # A curve whose Approach 2 optimum is its best observed point (too few sizes, or the minimum
-    # at an end of the sampled sizes) has no measured optimum: no verdict is stated from it.
-    edge = {f"{f.method}@{budget_tag(f.budget)}" for f in fits if not f.from_fit}
     lines += ["", "| verdict (PEER − other, nats) | range over fit choices | holds under every choice |", "|---|---|---|"]
+    held = verdicts_held(rob, fits, method_names)
     for k, v in rob["verdicts"].items():
         o, b = k.split("-vs-")[1].split("@")
         r = v["range"]
-        blocked = [f"{method_names.get(m, m)} {b}" for m in (REFERENCE, o) if f"{m}@{b}" in edge]
-        if blocked:
-            holds = f"not stated: {', '.join(blocked)} has no optimum inside its sizes (†)"
-        else:
-            holds = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
-        lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {r[0]:+.4f} – {r[1]:+.4f} | {holds} |")
+        lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {r[0]:+.4f} – {r[1]:+.4f} | {held[k]} |")
     return "\n".join(lines) + "\n"
