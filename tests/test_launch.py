@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from peer_jax.testing.simulated_pod import xla_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
 
@@ -25,7 +27,7 @@ def _env(sim_root):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_FLAGS"))}
     return {**env, "PATH": f"{ROOT / 'launch' / 'sim'}:{env['PATH']}", "SIM_ROOT": str(sim_root), "SIM_WORKERS": "2",
             "SIM_JOB_ID": str(random.randrange(1000, 4000)), "WANDB_MODE": "disabled",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+            "XLA_FLAGS": xla_flags(2), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
 def _script(name, *args, env, timeout=600, check=True):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_jax.testing.simulated_pod import REPO_ROOT, SimulatedPod, free_port
+from peer_jax.testing.simulated_pod import REPO_ROOT, SimulatedPod, free_port, xla_flags
 
 STEPS = 40  # preemption is agreed within about a second: many fast steps may pass
 TIMING_KEYS = ("tokens_per_sec", "step_time_s", "model_flops_per_sec", "mfu", "input_wait_s",
@@ -43,7 +43,7 @@ def _pod(tmp, workdir, *extra, name="pod", **kw):
 
 
 def _single(workdir, *extra, devices=4, module="peer_jax.train", args=None):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
            "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", module, *(args if args is not None else _args(workdir, *extra))]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

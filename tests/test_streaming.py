@@ -18,7 +18,7 @@ import seqio
 
 from peer_jax.data import streaming, tasks
 from peer_jax.testing import c4_local
-from peer_jax.testing.simulated_pod import REPO_ROOT, SimulatedPod
+from peer_jax.testing.simulated_pod import REPO_ROOT, SimulatedPod, xla_flags
 
 BYTES = seqio.ByteVocabulary()
 STEPS = 40  # preemption is agreed within about a second: many fast steps may pass
@@ -129,7 +129,7 @@ def test_streamed_training_resumes_exactly_and_eval_agrees_on_a_pod(tfds_dir, tm
     p = subprocess.run([sys.executable, "-m", "peer_jax.eval", "--gin_file=configs/runs/tiny_cpu.gin",
                         f"--checkpoint_dir={ref / 'checkpoints'}", *eval_args], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=600, env={**os.environ, **env, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled",
-                                                    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                                    "XLA_FLAGS": xla_flags(4),
                                                     "PYTHONPATH": str(REPO_ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
     one = json.loads((ref / "checkpoints" / f"eval_step{STEPS}.json").read_text())["tasks"]["tfds:c4_local"]

@@ -5,8 +5,8 @@
 
 Each process runs `python -m MODULE ARGS --distributed` with an explicit coordinator on a
 free localhost port (or, with ``--launcher slurm``, SLURM-style variables as on a cluster),
-``XLA_FLAGS=--xla_force_host_platform_device_count=M``, ``JAX_PLATFORMS=cpu`` and gloo
-collectives. Output goes to one log per process. Waits are bounded: on a timeout the helper
+``--xla_force_host_platform_device_count=M`` in ``XLA_FLAGS`` (the caller's other XLA flags are
+kept), ``JAX_PLATFORMS=cpu`` and gloo collectives. Output goes to one log per process. Waits are bounded: on a timeout the helper
 kills its own processes (each runs in its own session) and nothing else.
 """
 
@@ -23,6 +23,13 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def xla_flags(devices: int, flags: str | None = None) -> str:
+    """`flags` (default: this process's XLA_FLAGS) with the fake CPU device count set to `devices`."""
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    kept = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).split()
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
 def free_port() -> int:
@@ -48,7 +55,7 @@ class SimulatedPod:
 
     def _env(self, i: int) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={self.m}", JAX_PLATFORMS="cpu",
+        env.update(XLA_FLAGS=xla_flags(self.m, env.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu",
                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", WANDB_MODE=env.get("WANDB_MODE", "disabled"),
                    TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
