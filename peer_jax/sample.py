@@ -54,6 +54,9 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
 def encode_prompts(vocab, prompts: list[str], max_len: int, max_new_tokens: int) -> list[list[int]]:
     """Token ids of each prompt; fails on text the vocabulary cannot encode exactly and on a
     prompt that, with `max_new_tokens`, does not fit the model's maximum length."""
+    from peer_jax.data import vocab as vocab_lib
+
+    vocab = vocab_lib.as_seqio(vocab)
     if not prompts:
         raise SampleError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file=FILE.")
     out = []

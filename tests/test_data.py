@@ -1,6 +1,8 @@
 """seqio tasks and resumable batch iterators."""
 
 import concurrent.futures
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -105,6 +107,28 @@ def test_unknown_task_and_vocab_errors():
         tasks.get_task("nope", BYTES)
     with pytest.raises(FileNotFoundError, match="train_spm"):
         vocab_lib.vocabulary("spm", "/nonexistent/x.model")
+
+
+def test_the_byte_vocabulary_is_seqios_built_on_first_use():
+    v, real = vocab_lib.vocabulary("byte"), seqio.ByteVocabulary()
+    assert v.vocab_size == real.vocab_size == vocab_lib.BYTE_VOCAB_SIZE
+    assert vocab_lib.vocab_id(v) == vocab_lib.vocab_id(real) == "bytes"
+    assert (v.eos_id, v.unk_id, v.decode(v.encode("Amen."))) == (real.eos_id, real.unk_id, "Amen.")
+    assert tasks.registered_name("kjv", v) == tasks.get_task("kjv", v).name == tasks.get_task("kjv", real).name
+
+
+def test_packed_data_is_read_without_importing_seqio_or_tensorflow(kjv_val):
+    """What a train or eval process on the packed cache imports (seconds of TensorFlow saved per
+    process; TensorBoard logging, on by default, still imports it)."""
+    code = ("import sys\n"
+            "from peer_jax import eval, train\n"
+            "from peer_jax.training import build, evaluate, loop\n"
+            "from peer_jax.data import pipeline, vocab\n"
+            "a = pipeline.packed_arrays('kjv', 'validation', 64, vocab.vocabulary('byte'))\n"
+            "print(len(a['targets']), [m for m in ('seqio', 'tensorflow') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(len(kjv_val["targets"])), "[]"], p.stdout
 
 
 def test_c4_task_with_mock_data(monkeypatch):

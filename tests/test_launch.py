@@ -55,7 +55,7 @@ def _train_args(workdir):
             "--gin.config.TrainConfig.batch_size=8", f"--gin.config.TrainConfig.num_steps={STEPS}",
             "--gin.config.TrainConfig.log_every=1", "--gin.config.TrainConfig.eval_every=0",
             "--gin.config.TrainConfig.checkpoint_every=100", "--gin.config.TrainConfig.progress_bar=False",
-            "--gin.config.TrainConfig.vocab_multiple=64"]
+            "--gin.config.TrainConfig.vocab_multiple=64", "--gin.config.TrainConfig.tensorboard=False"]
 
 
 def test_stop_one_worker_then_resume_on_a_simulated_slice(slice_):

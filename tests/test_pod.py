@@ -35,7 +35,12 @@ def _args(workdir, *extra):
             "--gin.config.TrainConfig.eval_batches=2", "--gin.config.TrainConfig.final_eval_batches=2",
             "--gin.config.TrainConfig.eval_tasks=['kjv']",
             "--gin.config.TrainConfig.checkpoint_every=4", "--gin.config.TrainConfig.progress_bar=False",
-            "--gin.config.TrainConfig.vocab_multiple=64", "--gin.optim.make_optimizer.warmup_steps=2", *extra]
+            "--gin.config.TrainConfig.vocab_multiple=64", "--gin.optim.make_optimizer.warmup_steps=2",
+            "--gin.config.TrainConfig.tensorboard=False", *extra]
+
+
+# TensorBoard's writer imports TensorFlow (seconds per process): on only where a test reads its files.
+TENSORBOARD = "--gin.config.TrainConfig.tensorboard=True"
 
 
 def _pod(tmp, workdir, *extra, name="pod", **kw):
@@ -76,14 +81,14 @@ def _wait_steps(pod, workdir, n):
 def reference(tmp_path_factory):
     """An uninterrupted 2-process × 2-device run."""
     tmp = tmp_path_factory.mktemp("reference")
-    with _pod(tmp, tmp / "run") as pod:
+    with _pod(tmp, tmp / "run", TENSORBOARD) as pod:
         codes = pod.wait(600)
         assert codes == [0, 0], pod.tails()
     return tmp / "run"
 
 
 def test_same_losses_as_one_process_with_four_devices_and_files_written_once(reference, tmp_path):
-    p = _single(tmp_path / "run")
+    p = _single(tmp_path / "run", TENSORBOARD)
     assert p.returncode == 0, p.stderr[-3000:]
     pod_rows, one_rows = _rows(reference), _rows(tmp_path / "run")
     assert [sorted(r) for r in pod_rows] == [sorted(r) for r in one_rows]  # same rows, each once

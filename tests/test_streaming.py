@@ -96,7 +96,8 @@ def _args(workdir, *extra):
             "--gin.config.TrainConfig.eval_tasks=['tfds:c4_local']", "--gin.config.TrainConfig.eval_batches=None",
             "--gin.config.TrainConfig.log_every=1", f"--gin.config.TrainConfig.eval_every={STEPS}",
             "--gin.config.TrainConfig.checkpoint_every=100", "--gin.config.TrainConfig.progress_bar=False",
-            "--gin.config.TrainConfig.vocab_multiple=64", "--gin.optim.make_optimizer.warmup_steps=2", *extra]
+            "--gin.config.TrainConfig.vocab_multiple=64", "--gin.optim.make_optimizer.warmup_steps=2",
+            "--gin.config.TrainConfig.tensorboard=False", *extra]
 
 
 def _rows(workdir):

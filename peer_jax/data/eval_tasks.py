@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-
-import seqio
-import tensorflow as tf
+from typing import TYPE_CHECKING
 
 from peer_jax.data import tasks
+
+if TYPE_CHECKING:  # imported where a source is built (see peer_jax/data/tasks.py)
+    import seqio
+    import tensorflow as tf
 
 FILE_TASKS = {
     "wikitext103": "Wikitext-103 (Merity et al.), test split, one article per line",
@@ -33,6 +35,9 @@ def data_dir(configured: str | None = None) -> str:
 
 
 def _jsonl_source(name: str, directory: str) -> seqio.DataSource:
+    import seqio
+    import tensorflow as tf
+
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed
         path = os.path.join(directory, name, f"{split}.jsonl")
@@ -49,6 +54,8 @@ def _jsonl_source(name: str, directory: str) -> seqio.DataSource:
 
 def _json_text(line: tf.Tensor) -> tf.Tensor:
     """The `text` field of one JSON line (parsed in Python: robust to any escaping)."""
+    import tensorflow as tf
+
     text = tf.py_function(lambda s: json.loads(s.numpy().decode("utf-8"))["text"], [line], tf.string)
     return tf.ensure_shape(text, [])
 

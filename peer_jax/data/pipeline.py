@@ -19,13 +19,17 @@ import fcntl
 import hashlib
 import os
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import seqio
 
 from peer_jax.data import eval_tasks  # also registers the file-based eval sets
 from peer_jax.data import streaming
 from peer_jax.data import tasks as tasks_lib
 from peer_jax.data.vocab import cache_dir
+
+if TYPE_CHECKING:  # imported only to pack a split (`_pack`): a cached one needs neither seqio nor TF
+    import seqio
 
 _RENAME = {
     "decoder_input_tokens": "inputs",
@@ -44,6 +48,8 @@ def _to_batch(ex: dict) -> dict[str, np.ndarray]:
 
 def _seqio_dataset(task: seqio.Task, split: str, seq_len: int, *, shuffle: bool = False, seed: int | None = None,
                    num_epochs: int | None = 1, shard_info: seqio.ShardInfo | None = None):
+    import seqio
+
     return seqio.get_dataset(
         task,
         task_feature_lengths={"targets": seq_len},
@@ -61,12 +67,13 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
                   eval_data_dir: str | None = None, use_cache: bool = True) -> dict[str, np.ndarray]:
     """All packed rows of a task split as arrays [rows, seq_len] (cached as .npz). A set read from
     files reads them from `eval_data_dir` (TrainConfig.eval_data_dir; see `eval_tasks.data_dir`)."""
-    task = tasks_lib.get_task(task_name, vocab, eval_tasks.data_dir(eval_data_dir))
-    key = hashlib.sha1(repr((task.name, split, seq_len, _PIPELINE_VERSION) + tasks_lib.source_key(task_name)
+    file_dir = eval_tasks.data_dir(eval_data_dir)
+    name = tasks_lib.registered_name(task_name, vocab, file_dir)
+    key = hashlib.sha1(repr((name, split, seq_len, _PIPELINE_VERSION) + tasks_lib.source_key(task_name)
                             ).encode()).hexdigest()[:12]
-    path = cache_dir() / "packed" / f"{task.name}_{split}_{seq_len}_{key}.npz"
+    path = cache_dir() / "packed" / f"{name}_{split}_{seq_len}_{key}.npz"
     if not use_cache:
-        return _pack(task, task_name, split, seq_len)
+        return _pack(tasks_lib.get_task(task_name, vocab, file_dir), task_name, split, seq_len)
     if path.exists():
         return _load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,7 @@ def packed_arrays(task_name: str, split: str, seq_len: int, vocab: seqio.Vocabul
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             return _load(path)
-        arrays = _pack(task, task_name, split, seq_len)
+        arrays = _pack(tasks_lib.get_task(task_name, vocab, file_dir), task_name, split, seq_len)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)  # atomic: a reader without the lock never sees a half-written cache

@@ -28,11 +28,16 @@ from __future__ import annotations
 import json
 import os
 
+from typing import TYPE_CHECKING
+
 import grain
 import numpy as np
-import seqio
 
 from peer_jax import cli
+from peer_jax.data import vocab as vocab_lib
+
+if TYPE_CHECKING:
+    import seqio
 
 
 def data_source(tfds_name: str, split: str):
@@ -56,7 +61,7 @@ class _Chunks(grain.experimental.FlatMapTransform):
     max_fan_out = 1 << 20
 
     def __init__(self, vocab: seqio.Vocabulary, seq_len: int):
-        self.vocab, self.seq_len = vocab, seq_len
+        self.vocab, self.seq_len = vocab_lib.as_seqio(vocab), seq_len
 
     def flat_map(self, example):
         text = example["text"]

@@ -6,6 +6,9 @@ files also per directory) on first use by `get_task(name, vocab)`. Every text ta
 rekey text→targets, tokenize, append one EOS per document, split documents into chunks of at
 most the target length (so nothing is truncated away), after which seqio's
 `DecoderFeatureConverter(pack=True)` packs chunks into rows.
+
+seqio and TensorFlow are imported where a task is built, not with this module: a run whose data
+is already packed (`pipeline.packed_arrays`) needs only the task's name (`registered_name`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import random
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import importlib_resources
-import seqio
-import tensorflow as tf
 
 from peer_jax.data import verse
-from peer_jax.data.vocab import vocab_id
+from peer_jax.data.vocab import as_seqio, vocab_id
+
+if TYPE_CHECKING:
+    import seqio
+    import tensorflow as tf
 
 KJV_VALIDATION_EVERY = 20  # chapter i is validation iff i % 20 == 0 (59 of 1189 chapters)
 NOVEL_NGRAM, KJV_NOVEL_SHARED = 5, 0.5  # `kjv_novel`: drop verses with >= half their 5-grams seen
@@ -34,6 +40,8 @@ SHAKESPEARE_SCENES = 120  # of 775 scenes, shuffled: ≈ 0.75 M bytes, ~4× what
 
 def split_tokens(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
     """Splits each example's `targets` into consecutive chunks of ≤ sequence_length tokens."""
+    import tensorflow as tf
+
     max_len = int(sequence_length["targets"])
 
     def _split(ex):
@@ -49,6 +57,8 @@ def split_tokens(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
 
 
 def _text_preprocessors(text_key: str = "text") -> list[Callable]:
+    import seqio
+
     return [
         functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
         seqio.preprocessors.tokenize,
@@ -167,11 +177,20 @@ def _verse_source() -> seqio.DataSource:
 
 
 def _texts_source(docs_by_split: Callable[[], dict[str, tuple[str, ...]]], splits: tuple[str, ...]):
+    import seqio
+    import tensorflow as tf
+
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # in-memory documents; order is fixed, shuffling happens later
         return tf.data.Dataset.from_tensor_slices({"text": list(docs_by_split()[split])})
 
     return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
+def _c4_source() -> seqio.DataSource:
+    import seqio
+
+    return seqio.TfdsDataSource(tfds_name="c4/en:3.1.0", splits={"train": "train", "validation": "validation"})
 
 
 def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
@@ -181,7 +200,7 @@ def _sources() -> dict[str, Callable[[], seqio.DataSource]]:
         "pydoc": lambda: _texts_source(lambda: {"validation": pydoc_documents()}, ("validation",)),
         "shakespeare": lambda: _texts_source(lambda: {"validation": shakespeare_documents()}, ("validation",)),
         verse.TASK: _verse_source,
-        "c4": lambda: seqio.TfdsDataSource(tfds_name="c4/en:3.1.0", splits={"train": "train", "validation": "validation"}),
+        "c4": _c4_source,
     }
 
 
@@ -206,25 +225,36 @@ def task_names() -> list[str]:
     return sorted({**_sources(), **FILE_SOURCES})
 
 
-def get_task(name: str, vocab: seqio.Vocabulary, file_dir: str | None = None) -> seqio.Task:
-    """The seqio Task `name` for this vocabulary, registered on first use; a set read from files
-    (`FILE_SOURCES`) reads them from `file_dir`."""
+def _resolve(name: str, vocab, file_dir: str | None) -> tuple[str, Callable[[], seqio.DataSource]]:
     sources = _sources()
     if name in FILE_SOURCES:
         if file_dir is None:
             raise ValueError(f"data task {name!r} is read from files: give get_task their directory (file_dir).")
         # The directory is part of the name, so the packed-array cache (keyed by it) tells sets apart.
-        full = f"{name}_{hashlib.sha1(file_dir.encode()).hexdigest()[:8]}.{vocab_id(vocab)}"
-        make = functools.partial(FILE_SOURCES[name], file_dir)
-    elif name in sources:
-        full, make = f"{name}.{vocab_id(vocab)}", sources[name]
-    else:
-        raise ValueError(f"data task {name!r} is unknown; known tasks: {task_names()}.")
+        return (f"{name}_{hashlib.sha1(file_dir.encode()).hexdigest()[:8]}.{vocab_id(vocab)}",
+                functools.partial(FILE_SOURCES[name], file_dir))
+    if name in sources:
+        return f"{name}.{vocab_id(vocab)}", sources[name]
+    raise ValueError(f"data task {name!r} is unknown; known tasks: {task_names()}.")
+
+
+def registered_name(name: str, vocab, file_dir: str | None = None) -> str:
+    """The seqio registry name `get_task(name, vocab, file_dir)` has, without building the task."""
+    return _resolve(name, vocab, file_dir)[0]
+
+
+def get_task(name: str, vocab, file_dir: str | None = None) -> seqio.Task:
+    """The seqio Task `name` for this vocabulary, registered on first use; a set read from files
+    (`FILE_SOURCES`) reads them from `file_dir`."""
+    import seqio
+    import tensorflow as tf
+
+    full, make = _resolve(name, vocab, file_dir)
     if full not in seqio.TaskRegistry.names():
         seqio.TaskRegistry.add(
             full,
             source=make(),
             preprocessors=_text_preprocessors(),
-            output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
+            output_features={"targets": seqio.Feature(as_seqio(vocab), add_eos=True, dtype=tf.int32)},
         )
     return seqio.get_mixture_or_task(full)
