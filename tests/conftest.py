@@ -5,8 +5,8 @@ before any test module). Single-device tests simply run on device 0. Unless XLA_
 XLA:CPU generates code at LLVM -O0: the suite compiles hundreds of small programs and runs each
 for a few steps, so compiling is most of its time, and every comparison in it (reference vs
 optimised path, resumed vs uninterrupted run) compiles both sides under the same flags. The
-tests that pin what a user's run computes (test_reproducible, the cache test in test_train) start
-their processes with XLA's default flags. `XLA_FLAGS=--xla_force_host_platform_device_count=8
+tests that pin what a user's run computes (test_reproducible) start their processes with XLA's
+default flags. `XLA_FLAGS=--xla_force_host_platform_device_count=8
 make test` runs everything at the default level. Subprocesses (simulated pods, launches) inherit
 these flags with their own device count (`simulated_pod.xla_flags`).
 

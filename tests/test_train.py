@@ -144,6 +144,8 @@ def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path
     import subprocess
     import sys
 
+    from peer_jax.testing.simulated_pod import xla_flags
+
     cache = tmp_path / "cache"
 
     def run(name):
@@ -152,8 +154,10 @@ def test_compilation_cache_dir_serves_a_second_run_without_new_compiles(tmp_path
                "--gin.config.TrainConfig.eval_every=2", "--gin.config.TrainConfig.eval_batches=1",
                "--gin.config.TrainConfig.final_eval_batches=1",
                "--gin.config.TrainConfig.checkpoint_every=2", "--gin.config.TrainConfig.tensorboard=False",
-               f"--gin.config.TrainConfig.compilation_cache_dir='{cache}'"]
-        env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
+               "--gin.transformer.Transformer.num_layers=1", "--gin.transformer.Transformer.d_model=32",
+               "--gin.transformer.Transformer.num_heads=1", "--gin.config.TrainConfig.seq_len=32",
+               "--gin.config.TrainConfig.batch_size=8", f"--gin.config.TrainConfig.compilation_cache_dir='{cache}'"]
+        env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": xla_flags(1)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((tmp_path / name / "compile_report.json").read_text())
