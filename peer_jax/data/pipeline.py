@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-
 from typing import TYPE_CHECKING
 
 import numpy as np

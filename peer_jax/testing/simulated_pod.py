@@ -6,8 +6,9 @@
 Each process runs `python -m MODULE ARGS --distributed` with an explicit coordinator on a
 free localhost port (or, with ``--launcher slurm``, SLURM-style variables as on a cluster),
 ``--xla_force_host_platform_device_count=M`` in ``XLA_FLAGS`` (the caller's other XLA flags are
-kept), ``JAX_PLATFORMS=cpu`` and gloo collectives. Output goes to one log per process. Waits are bounded: on a timeout the helper
-kills its own processes (each runs in its own session) and nothing else.
+kept), ``JAX_PLATFORMS=cpu`` and gloo collectives. Output goes to one log per process. Waits are
+bounded: on a timeout the helper kills its own processes (each runs in its own session) and
+nothing else.
 """
 
 from __future__ import annotations
