@@ -47,6 +47,19 @@ def test_no_text_is_lost_to_truncation(kjv_val):
     assert int(kjv_val["weights"].sum()) == expected
 
 
+def test_packing_in_blocks_equals_packing_row_by_row(kjv_val, monkeypatch):
+    task = tasks.get_task("kjv", BYTES)
+    rows = [pipeline._to_batch(ex) for ex in pipeline._seqio_dataset(task, "validation", 64).as_numpy_iterator()]
+    monkeypatch.setattr(pipeline, "_PACK_BLOCK", 1000)  # several blocks, the last one short
+    blocks = pipeline._pack(task, "kjv", "validation", 64)
+    assert len(rows) % 1000 and len(rows) > 2000
+    for k in rows[0]:
+        want = np.stack([r[k] for r in rows])
+        assert blocks[k].dtype == want.dtype, k
+        np.testing.assert_array_equal(blocks[k], want, err_msg=k)
+        np.testing.assert_array_equal(kjv_val[k], want, err_msg=k)  # and the cached arrays
+
+
 def test_array_batches_resume_exactly(kjv_val):
     it = pipeline.ArrayBatches(kjv_val, 8, seed=3)
     batches = [next(it) for _ in range(5)]
