@@ -1,4 +1,5 @@
-"""Table of finished runs: parameters, active parameters per token, step time, eval perplexity.
+"""Table of finished runs: parameters, active parameters per token, step time, eval perplexity
+(or, with `--metric loss`, eval loss in nats per token: the figure the isoFLOP fits read).
 
 Runs with PEER/PKM layers (or MoE) also get their eval expert statistics: usage (% of experts
 given any router mass over the eval set) and unevenness (KL of the mass to uniform), one
@@ -47,7 +48,8 @@ def describe(run: Path) -> dict:
         "train_flops_per_token": train_flops, "steps": result["step"],
         "step_time_s": statistics.median(step_times) if step_times else float("nan"),
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r),
-        **{k: v for k, v in result.items() if k.startswith("eval/") and k.endswith(("/ppl", "/usage", "/unevenness"))},
+        **{k: v for k, v in result.items()
+           if k.startswith("eval/") and k.endswith(("/ppl", "/loss", "/usage", "/unevenness"))},
         "host": result.get("host"),
     }
 
@@ -73,6 +75,8 @@ def _stat(value: float | None, key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
+    p.add_argument("--metric", choices=("ppl", "loss"), default="ppl",
+                   help="eval perplexity, or eval loss in nats per token (4 decimals)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     a = p.parse_args(argv)
     needed = ("operative_config.gin", "metrics.jsonl", "result.json")
@@ -82,16 +86,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error("not a finished run folder: " + ", ".join(missing) + ". Pass the folders of finished runs, e.g. "
                 "RESULTS/seed0/*_h? rather than RESULTS/seed0/* (which also matches sweep.json).")
     rows = [describe(Path(r)) for r in a.runs]
-    ppl_keys = sorted({k for r in rows for k in r if k.endswith("/ppl")})
+    metric_keys = sorted({k for r in rows for k in r if k.endswith(f"/{a.metric}")})
     stat_keys = sorted({k for r in rows for k in r if k.endswith(("/usage", "/unevenness"))},
                        key=lambda k: (k.rpartition("/")[0], k.endswith("/unevenness")))  # usage first
-    head = ["run", "params", "active non-emb", "train FLOPs/token", "steps", "step s", "tokens/s", *ppl_keys,
+    head = ["run", "params", "active non-emb", "train FLOPs/token", "steps", "step s", "tokens/s", *metric_keys,
             *(k.replace("/usage", "/usage %") for k in stat_keys)]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["run"], f"{r['params'] / 1e6:.2f}M", f"{r['active_non_embedding'] / 1e6:.3f}M",
                  f"{r['train_flops_per_token'] / 1e6:.2f}M", str(r["steps"]), f"{r['step_time_s']:.3f}",
-                 f"{r['tokens_per_sec']:.0f}", *(f"{r.get(k, float('nan')):.3f}" for k in ppl_keys),
+                 f"{r['tokens_per_sec']:.0f}", *(f"{r.get(k, float('nan')):.{3 if a.metric == 'ppl' else 4}f}" for k in metric_keys),
                  *(_stat(r.get(k), k) for k in stat_keys)]
         print("| " + " | ".join(cells) + " |")
     for note in host_notes(rows):

@@ -1,4 +1,8 @@
-"""peer_jax.host: the host record and the XLA:CPU pin's checks (fast, in-process)."""
+"""peer_jax.host: the host record and the XLA:CPU pin's checks (fast, in-process); compare_runs,
+which reads the host records."""
+
+import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -88,3 +92,16 @@ def test_compare_runs_refuses_a_path_that_is_not_a_finished_run(tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "not a finished run folder" in err and "sweep.json (no operative_config.gin, metrics.jsonl, result.json)" in err
+
+
+def test_compare_runs_prints_perplexity_or_the_loss_the_fit_reads(capsys):
+    run = Path(__file__).resolve().parents[1] / "results" / "isoflop_mini3" / "seed0" / "dense_1e13_L2_d48_h2"
+    result = json.loads((run / "result.json").read_text())
+    tables = {}
+    for metric in ("ppl", "loss"):
+        compare_runs.main([str(run), f"--metric={metric}"])
+        head, _, row = capsys.readouterr().out.splitlines()[:3]
+        tables[metric] = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert tables["ppl"]["eval/kjv/ppl"] == f"{result['eval/kjv/ppl']:.3f}" and "eval/kjv/loss" not in tables["ppl"]
+    assert tables["loss"]["eval/kjv/loss"] == f"{result['eval/kjv/loss']:.4f}" == "1.1856"
+    assert "eval/kjv/ppl" not in tables["loss"]
