@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("not a finished run folder: " + ", ".join(missing) + ". Pass the folders of finished runs, e.g. "
                 "RESULTS/seed0/*_h? rather than RESULTS/seed0/* (which also matches sweep.json).")
     rows = [describe(Path(r)) for r in a.runs]
+    names = [r["run"] for r in rows]
+    for r, path in zip(rows, a.runs):  # one point from several sweeps (seeds, LRs): name the sweep too
+        if names.count(r["run"]) > 1:
+            r["run"] = f"{Path(path).resolve().parent.name}/{r['run']}"
     metric_keys = sorted({k for r in rows for k in r if k.endswith(f"/{a.metric}")})
     stat_keys = sorted({k for r in rows for k in r if k.endswith(("/usage", "/unevenness"))},
                        key=lambda k: (k.rpartition("/")[0], k.endswith("/unevenness")))  # usage first

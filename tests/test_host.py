@@ -105,3 +105,7 @@ def test_compare_runs_prints_perplexity_or_the_loss_the_fit_reads(capsys):
     assert tables["ppl"]["eval/kjv/ppl"] == f"{result['eval/kjv/ppl']:.3f}" and "eval/kjv/loss" not in tables["ppl"]
     assert tables["loss"]["eval/kjv/loss"] == f"{result['eval/kjv/loss']:.4f}" == "1.1856"
     assert "eval/kjv/ppl" not in tables["loss"]
+    compare_runs.main([str(run), str(run.parents[1] / "seed2" / "dense_1e13_L2_d64_h2"),
+                       str(run.parent / "dense_1e13_L2_d64_h2")])  # one point of two seeds: the sweep is named
+    names = [line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert names == ["dense_1e13_L2_d48_h2", "seed2/dense_1e13_L2_d64_h2", "seed0/dense_1e13_L2_d64_h2"]
