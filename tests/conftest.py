@@ -1,14 +1,16 @@
 """Test-session set-up: 8 fake CPU devices and no network-facing services.
 
 XLA_FLAGS must be set before jax is first imported, so it lives here (pytest imports conftest
-before any test module). Single-device tests simply run on device 0. Unless XLA_FLAGS is set,
-XLA:CPU generates code at LLVM -O0: the suite compiles hundreds of small programs and runs each
-for a few steps, so compiling is most of its time, and every comparison in it (reference vs
-optimised path, resumed vs uninterrupted run) compiles both sides under the same flags. The
-tests that pin what a user's run computes (test_reproducible) start their processes with XLA's
-default flags. `XLA_FLAGS=--xla_force_host_platform_device_count=8
-make test` runs everything at the default level. Subprocesses (simulated pods, launches) inherit
-these flags with their own device count (`simulated_pod.xla_flags`).
+before any test module). Single-device tests simply run on device 0.
+
+Unless XLA_FLAGS is set, XLA:CPU generates code at LLVM -O0: the suite compiles hundreds of
+small programs and runs each for a few steps, so compiling is a large part of its time, and
+every comparison in it (reference vs optimised path, resumed vs uninterrupted run) compiles
+both sides under the same flags. The tests that pin what a user's run computes
+(test_reproducible) start their processes with XLA's default flags; to run everything at the
+default level: `XLA_FLAGS=--xla_force_host_platform_device_count=8 make test`. Subprocesses
+(simulated pods, launches) inherit these flags with their own device count
+(`simulated_pod.xla_flags`).
 
 The CLIs that tests start as subprocesses (simulated pods, launches, kill-and-resume) compile
 the same tiny programs again and again, so they share one persistent compilation cache for the
