@@ -449,6 +449,42 @@ def test_no_verdict_is_stated_from_a_curve_without_an_interior_optimum():
                           "PEER vs Dense 1e13": "not stated: PEER 1e13 has no optimum inside its sizes (†)"}
 
 
+def test_fit_choices_without_an_optimum_are_listed_and_left_out_of_the_ranges():
+    """PEER's minimum sits between its two smallest sizes: leaving out the smallest puts the
+    vertex outside the sizes left, so that refit falls back to a best observed point (0.04 above
+    the true optimum). It is listed and left out of the curve's range and the verdict's, and the
+    verdict counts it; an Approach 3 minimum on an end of the sizes is listed the same way."""
+    sizes = np.exp([0.0, 1.0, 2.0, 3.0]) * 1e4
+    groups = {}
+    for method, offset, u0 in (("peer", 1.5, 0.8), ("dense", 1.6, 1.5)):
+        groups.update(_seeded_groups(np.random.default_rng(0), method=method, budgets=(1e12,), sizes=tuple(sizes),
+                                     seeds=1, noise=0.0,
+                                     truth=lambda n, d, b, o=offset, u=u0: o + (math.log(n / 1e4) - u) ** 2))
+    rob = robustness.robustness(groups, ["kjv"], "active_non_embedding")
+    peer = rob["curves"]["peer@1e12"]
+    drop = f"a2_drop_peer_1e+12_{sizes[0]:g}"
+    assert peer["without_optimum"] == [drop]
+    assert peer["variants"][drop] == pytest.approx(1.5 + 0.2**2)
+    assert peer["range"] == pytest.approx([1.5, 1.5])
+    verdict = rob["verdicts"]["peer-vs-dense@1e12"]
+    assert verdict["without_optimum"] == [f"{drop} (PEER)"] and verdict["range"] == pytest.approx([-0.1, -0.1])
+    fits = [fit.fit_group(m, b, pts, ["kjv"], "active_non_embedding", 5) for (m, b), pts in groups.items()]
+    held = robustness.verdicts_held(rob, fits, {"peer": "PEER", "dense": "Dense"})
+    n = len(verdict["variants"])
+    assert held["peer-vs-dense@1e12"] == f"PEER lower (1 of {n} fit choices without an optimum left out)"
+    assert f"| 1 of {len(peer['variants'])}: {drop} |" in robustness.markdown(rob, fits, {"peer": "PEER"})
+
+    # every size far below the optimum of a known law: Approach 3's minimum is the largest size
+    law = lambda n, d, b: 1.2 + 40.0 / n**0.35 + 60.0 / d**0.3
+    small = {}
+    for method in ("peer", "dense"):
+        small.update(_seeded_groups(np.random.default_rng(0), method=method, budgets=(1e12, 1e13), seeds=1,
+                                    noise=0.0, sizes=(10.0, 20.0, 40.0, 80.0), truth=law))
+    rob = robustness.robustness(small, ["kjv"], "active_non_embedding", unique_tokens=1e9)
+    for curve in rob["curves"].values():
+        assert {"a3", "a3_shared_E", "a3_data_constrained"} <= set(curve["without_optimum"])
+
+
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):
     rng = np.random.default_rng(0)
     for seed in (0, 1):

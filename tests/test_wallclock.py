@@ -193,8 +193,13 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
         assert b["rel_wall"] == pytest.approx(wall / 25.0)
     assert res["missing"] == ["pkm_1e12_L1_d16/native"] and len(res["rows"]) == 9
     table = (out / "wallclock_1e12.md").read_text()
-    assert "| PEER | native | L1 d16 | 1.3000 | 1 | 1000 | 20.0 ms | 20 s | 0.80 | 3 |" in table
-    assert "| Dense | — | L1 d64 | 1.3900 | 2 | 250 | 100.0 ms | 25 s | 1.00 | 3 |" in table
+    # both picks are an end of their method's shapes, and dense's shapes have 1 or 2 seeds
+    assert best[("dense", None)]["edge"] and best[("peer", "native")]["edge"]
+    assert best[("dense", None)]["seeds_uneven"] and not best[("peer", "native")]["seeds_uneven"]
+    assert "| PEER | native | L1 d16 † | 1.3000 | 1 | 1000 | 20.0 ms | 20 s | 0.80 | 3 |" in table
+    assert "| Dense | — | L1 d64 † | 1.3900 | 2 | 250 | 100.0 ms | 25 s | 1.00 | 3 |" in table
+    assert "(Dense, PEER): its optimum may lie beyond them" in table
+    assert "Seeds differ across the shapes of Dense:" in table
     for text in (table, res["caption"]):
         assert "not TPU wall time" in text and "2 thread(s)" in text and "ranking can differ" in text
     assert (out / "wallclock_1e12.png").read_bytes()[:4] == b"\x89PNG"

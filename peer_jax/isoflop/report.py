@@ -31,7 +31,7 @@ from pathlib import Path
 
 from peer_jax.isoflop import plots, robustness
 from peer_jax.isoflop.bootstrap import fit_all
-from peer_jax.isoflop.fit import METHOD_LONG, METHOD_NAMES, METHOD_ORDER, PARAM_KINDS, REFERENCE, Fit, label
+from peer_jax.isoflop.fit import METHOD_LONG, METHOD_NAMES, METHOD_ORDER, PARAM_KINDS, REFERENCE, Fit, as_list, label
 from peer_jax.isoflop.grids import budget_tag
 
 
@@ -142,6 +142,15 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
                 if f.bootstrap_from_fit is not None and f.bootstrap_from_fit < 1]
     if notes:
         lines += [""] + notes
+    uneven = []
+    for f in fits:
+        counts = [len(as_list(p["loss"][tasks[0]])) for p in f.points if tasks[0] in p["loss"]]
+        if counts and min(counts) != max(counts):
+            uneven.append(f"{label(f)} ({min(counts)}–{max(counts)})")
+    if uneven:
+        lines += ["", "Seeds per size differ within " + "; ".join(uneven) + ": the best size and the window are "
+                  "chosen on means over different seeds (a seed's offset moves only the sizes it covers), and a "
+                  "size with one seed does not move in the bootstrap, so these intervals understate seed noise."]
     if unstable:
         lines += ["", "Bootstrap samples that fell back to the best observed point (vertex outside the range or "
                   "non-convex): " + "; ".join(unstable) + "."]
@@ -164,6 +173,10 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
     cmp = [f for f in fits if f.p_peer_lower]
     if cmp:
         others = [m for m in METHOD_ORDER if m != REFERENCE and any(m in f.p_peer_lower for f in cmp)]
+        fallback: dict[float, set[str]] = {}
+        for f in fits:
+            if not f.from_fit:
+                fallback.setdefault(f.budget, set()).add(f.method)
         lines += ["", f"**P(PEER lower)**: share of bootstrap samples in which PEER's compute-optimal `{tasks[0]}` "
                   "loss is below the other method's (Approach 2 / Approach 3):", "",
                   "| budget | " + " | ".join(METHOD_NAMES.get(m, m) for m in others) + " |",
@@ -176,11 +189,14 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
                     cells.append("")
                     continue
                 a2 = c["approach2"].get(tasks[0])
-                s = "—" if a2 is None else f"{a2:.2f}"
+                s = "—" if a2 is None else f"{a2:.2f}" + (" †" if {REFERENCE, m} & fallback.get(f.budget, set()) else "")
                 if c.get("approach3") is not None:
                     s += f" / {c['approach3']:.2f}"
                 cells.append(s)
             lines.append(f"| {budget_tag(f.budget)} | " + " | ".join(cells) + " |")
+        if any(fallback.get(f.budget, set()) & ({REFERENCE} | set(others)) for f in cmp):
+            lines += ["", "† a curve without an optimum inside its sizes: the Approach 2 share compares its best "
+                      "observed point, not an optimum."]
     legend = [f"{METHOD_NAMES[m]}: {METHOD_LONG[m]}" for m in METHOD_LONG if any(f.method == m for f in fits)]
     if legend:
         lines += [""] + ["- " + x for x in legend]
@@ -219,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, t in enumerate(tasks):
         plots.plot(fits, t, out / ("isoflop.png" if i == 0 else f"isoflop_{t}.png"), args.params)
     plots.plot_optimum(fits, tasks[0], out / "optimum.png")
-    rob = robustness.robustness(groups, tasks, args.params, args.unique_tokens)
+    rob = robustness.robustness(groups, tasks, args.params, args.unique_tokens, args.window or None)
     for k, held in robustness.verdicts_held(rob, fits, METHOD_NAMES).items():
         rob["verdicts"][k]["holds"] = held
     table = markdown_table(fits, tasks, args.params, parametric) + "\n" + robustness.markdown(rob, fits, METHOD_NAMES)

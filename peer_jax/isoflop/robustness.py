@@ -19,9 +19,15 @@ compute-optimal loss of the primary eval set under each, and their range:
   constant (not refitted here: a mini grid has too few epochs to pin it). Given only when
   `unique_tokens` is known.
 
+A variant **without an optimum** (an Approach 2 fit whose vertex falls back to the best
+observed point: too few sizes, non-convex, or the vertex outside its sizes; an Approach 3
+minimum on an end of the budget's sampled sizes) gives no measured optimum: it is listed
+(`without_optimum`) and left out of the ranges, which are over the variants that have one.
+
 A verdict is the difference of two methods' optimum losses at one budget (PEER minus the
-other). Its range is over the variants both methods have; the verdict holds at the strength
-of that range (e.g. "lower under every fit choice" only when the whole range is below 0).
+other). Its range is over the variants both methods have, each side with an optimum; the
+verdict holds at the strength of that range (e.g. "lower under every fit choice" only when the
+whole range is below 0), and says how many fit choices it left out.
 """
 
 from __future__ import annotations
@@ -55,9 +61,9 @@ def _observations(groups: dict, primary: str, method: str):
     return np.asarray(n, np.float64), np.asarray(d, np.float64), np.asarray(y, np.float64)
 
 
-def _optima(groups: dict, method: str, x, d_of=None) -> dict[float, float]:
-    """{budget: optimum loss} of L(N, D) with raw solution x; `d_of` maps tokens to the D the
-    fit saw (D′ for the data-constrained variant)."""
+def _optima(groups: dict, method: str, x, d_of=None) -> dict[float, tuple[float, bool]]:
+    """{budget: (optimum loss, on an end of the sampled sizes)} of L(N, D) with raw solution x;
+    `d_of` maps tokens to the D the fit saw (D′ for the data-constrained variant)."""
     pts = [p for (m, _), ps in groups.items() if m == method for p in ps]
     fn = flops_per_token_fn(pts)
     out = {}
@@ -67,7 +73,9 @@ def _optima(groups: dict, method: str, x, d_of=None) -> dict[float, float]:
         sizes = [p["params"] for p in ps]
         log_n = np.linspace(math.log(min(sizes)), math.log(max(sizes)), 400)
         d = budget / fn(np.exp(log_n))
-        out[budget] = float(np.exp(_parametric_loss(np.asarray(x), log_n, np.log(d_of(d) if d_of else d))).min())
+        curve = _parametric_loss(np.asarray(x), log_n, np.log(d_of(d) if d_of else d))
+        i = int(np.argmin(curve))
+        out[budget] = (float(np.exp(curve[i])), i in (0, len(log_n) - 1))
     return out
 
 
@@ -114,20 +122,36 @@ def shared_e_fit(groups: dict, primary: str, per_method: dict[str, dict]) -> tup
     return e, {m: [e, *map(float, rest[i])] for i, m in enumerate(methods)}
 
 
-def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: float | None = None) -> dict:
-    """{"curves": {"method@budget": {"variants": {name: loss}, "range": [lo, hi]}},
-    "verdicts": {"peer-vs-<method>@budget": {"variants": {name: PEER − other}, "range": [lo, hi]}},
-    "shared_E": E} on the primary eval set (tasks[0]), losses in nats."""
+def _a2_name(window: int | None) -> str:
+    return f"a2_window{window}" if window else "a2_all"
+
+
+def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: float | None = None,
+               window: int | None = 5) -> dict:
+    """{"curves": {"method@budget": {"variants": {name: loss}, "without_optimum": [names], "range": [lo, hi]}},
+    "verdicts": {"peer-vs-<method>@budget": {"variants": {name: PEER − other}, "without_optimum": [names],
+    "range": [lo, hi]}}, "shared_E": E} on the primary eval set (tasks[0]), losses in nats; a range
+    is None when no variant has an optimum. `window` is the main fit's (the one the verdicts'
+    "not stated" rule reads): leave-one-size-out refits with it."""
     primary = tasks[0]
+    main = _a2_name(window)
     curves: dict[tuple[str, float], dict[str, float]] = {k: {} for k in groups}
+    no_opt: dict[tuple[str, float], set[str]] = {k: set() for k in groups}
+
+    def put(key, name, loss, has_optimum):
+        curves[key][name] = loss
+        if not has_optimum:
+            no_opt[key].add(name)
+
     for key, pts in groups.items():
-        for name, window in (("a2_window3", 3), ("a2_window5", 5), ("a2_all", None)):
-            curves[key][name] = fit_group(key[0], key[1], pts, tasks, params_kind, window).optimal_loss[primary]
+        for w in sorted({3, 5, 0, window or 0}, key=lambda v: v or 99):  # 0: every size
+            f = fit_group(key[0], key[1], pts, tasks, params_kind, w or None)
+            put(key, _a2_name(w), f.optimal_loss[primary], f.from_fit)
         if len(pts) > 3:
             for p in pts:
                 rest = [q for q in pts if q is not p]
-                curves[key][f"a2_drop_{p['name']}"] = fit_group(key[0], key[1], rest, tasks, params_kind,
-                                                               5).optimal_loss[primary]
+                f = fit_group(key[0], key[1], rest, tasks, params_kind, window)
+                put(key, f"a2_drop_{p['name']}", f.optimal_loss[primary], f.from_fit)
     methods = sorted({m for m, _ in groups})
     per_method = {}
     for m in methods:
@@ -136,26 +160,27 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
         fitted, optima = approach3(groups, primary, m)
         per_method[m] = fitted
         for b, o in optima.items():
-            curves[(m, b)]["a3"] = o["optimal_loss"]
+            put((m, b), "a3", o["optimal_loss"], not o["at_edge"])
         if unique_tokens:
             n, d, y = _observations(groups, primary, m)
             dc = fit_parametric(n, effective_tokens(d, unique_tokens), y)
-            for b, v in _optima(groups, m, dc["x"], lambda t: effective_tokens(t, unique_tokens)).items():
-                curves[(m, b)]["a3_data_constrained"] = v
+            for b, (v, edge) in _optima(groups, m, dc["x"], lambda t: effective_tokens(t, unique_tokens)).items():
+                put((m, b), "a3_data_constrained", v, not edge)
     shared_e = None
     if len(per_method) > 1:
         shared_e, xs = shared_e_fit(groups, primary, per_method)
         for m, x in xs.items():
-            for b, v in _optima(groups, m, x).items():
-                curves[(m, b)]["a3_shared_E"] = v
+            for b, (v, edge) in _optima(groups, m, x).items():
+                put((m, b), "a3_shared_E", v, not edge)
 
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
 
-    def summary(variants: dict[str, float]) -> dict:
-        vals = [v for v in variants.values() if np.isfinite(v)]
-        return {"variants": variants, "range": [min(vals), max(vals)] if vals else None}
+    def summary(variants: dict[str, float], without: set[str]) -> dict:
+        vals = [v for k, v in variants.items() if np.isfinite(v) and k not in without]
+        return {"variants": variants, "without_optimum": sorted(without),
+                "range": [min(vals), max(vals)] if vals else None}
 
-    out_curves = {f"{m}@{budget_tag(b)}": summary(v)
+    out_curves = {f"{m}@{budget_tag(b)}": summary(v, no_opt[(m, b)])
                   for (m, b), v in sorted(curves.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99)))}
     verdicts = {}
     for (m, b), ref in sorted(curves.items(), key=lambda kv: kv[0][1]):
@@ -164,25 +189,32 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
         for (o, b2), other in sorted(curves.items(), key=lambda kv: order.get(kv[0][0], 99)):
             if b2 != b or o == REFERENCE:
                 continue
+            ref_no, other_no = no_opt[(m, b)], no_opt[(o, b)]
             # leave-one-size-out variants drop different points on each side: pair them as the
-            # range of either side's variants against the other's window-5 fit
+            # range of either side's variants against the other's main fit
             diffs = {k: ref[k] - other[k] for k in ref if k in other and not k.startswith("a2_drop_")}
+            without = {k for k in diffs if k in ref_no or k in other_no}
             for k, v in ref.items():
-                if k.startswith("a2_drop_") and "a2_window5" in other:
-                    diffs[f"{k} (PEER)"] = v - other["a2_window5"]
+                if k.startswith("a2_drop_") and main in other:
+                    diffs[f"{k} (PEER)"] = v - other[main]
+                    if k in ref_no or main in other_no:
+                        without.add(f"{k} (PEER)")
             for k, v in other.items():
-                if k.startswith("a2_drop_") and "a2_window5" in ref:
-                    diffs[f"{k} ({o})"] = ref["a2_window5"] - v
-            verdicts[f"{REFERENCE}-vs-{o}@{budget_tag(b)}"] = summary(diffs)
+                if k.startswith("a2_drop_") and main in ref:
+                    diffs[f"{k} ({o})"] = ref[main] - v
+                    if k in other_no or main in ref_no:
+                        without.add(f"{k} ({o})")
+            verdicts[f"{REFERENCE}-vs-{o}@{budget_tag(b)}"] = summary(diffs, without)
     return {"primary": primary, "unique_tokens": unique_tokens, "muennighoff_r_star": MUENNIGHOFF_R_STAR,
-            "shared_E": shared_e, "curves": out_curves, "verdicts": verdicts}
+            "window": window, "shared_E": shared_e, "curves": out_curves, "verdicts": verdicts}
 
 
 def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, str]:
     """{verdict key: what holds under every fit choice}: "PEER lower", "PEER higher", "no: the
-    sign depends on the choice", or "not stated: …" when a curve's Approach 2 optimum is its best
-    observed point (too few sizes, non-convex, or the minimum at an end of the sampled sizes):
-    such a curve has no measured optimum to compare."""
+    sign depends on the choice", or "not stated: …" when a curve's main Approach 2 optimum is its
+    best observed point (too few sizes, non-convex, or the minimum at an end of the sampled
+    sizes): such a curve has no measured optimum to compare. Fit choices without an optimum on
+    either side are left out of the range, and the verdict says how many."""
     edge = {f"{f.method}@{budget_tag(f.budget)}" for f in fits if not f.from_fit}
     held = {}
     for k, v in rob["verdicts"].items():
@@ -191,27 +223,55 @@ def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, st
         blocked = [f"{method_names.get(m, m)} {b}" for m in (REFERENCE, o) if f"{m}@{b}" in edge]
         if blocked:
             held[k] = f"not stated: {', '.join(blocked)} has no optimum inside its sizes (†)"
-        else:
-            held[k] = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
+            continue
+        if r is None:
+            held[k] = "not stated: no fit choice has an optimum on both sides"
+            continue
+        held[k] = "PEER lower" if r[1] < 0 else ("PEER higher" if r[0] > 0 else "no: the sign depends on the choice")
+        left_out = len(v.get("without_optimum", ()))
+        if left_out:
+            held[k] += f" ({left_out} of {len(v['variants'])} fit choices without an optimum left out)"
     return held
+
+
+def _families(rob: dict) -> str:
+    """The fit variants present in `rob`, in words (Approach 3 needs 6 observations per method)."""
+    names = {k for v in rob["curves"].values() for k in v["variants"]}
+    windows = sorted(int(n[len("a2_window"):]) for n in names if n.startswith("a2_window"))
+    out = [f"Approach 2 windows {' / '.join(map(str, windows))}"] if windows else []
+    out += [text for test, text in ((lambda n: n == "a2_all", "all sizes"),
+                                    (lambda n: n.startswith("a2_drop_"), "leave-one-size-out"),
+                                    (lambda n: n == "a3", "Approach 3 with its own E"),
+                                    (lambda n: n == "a3_shared_E", "with one shared E"),
+                                    (lambda n: n == "a3_data_constrained", "with data-constrained D′"))
+            if any(map(test, names))]
+    return ", ".join(out)
+
+
+def _range(r) -> str:
+    return "—" if r is None else f"{r[0]:.4f} – {r[1]:.4f}"
 
 
 def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
     """The verdict ranges next to each curve's bootstrap interval (Approach 2, primary set)."""
     ci = {f"{f.method}@{budget_tag(f.budget)}": ((f.ci95 or {}).get("optimal_loss") or {}).get(rob["primary"]) for f in fits}
     lines = [f"**Robustness** (`{rob['primary']}` loss in nats at each optimum; range over the fit variants of "
-             "`peer_jax/isoflop/robustness.py`: windows 3 / 5 / all, leave-one-size-out, Approach 3 with its own E, "
-             "with one shared E" + (", with data-constrained D′" if rob["unique_tokens"] else "") + "):", "",
-             "| curve | range over fit choices | bootstrap 95 % (Approach 2) |", "|---|---|---|"]
+             f"`peer_jax/isoflop/robustness.py` that this data allows: {_families(rob)}; a variant without an "
+             "optimum inside its sizes is left out of the range and counted in the last column):", "",
+             "| curve | range over fit choices | bootstrap 95 % (Approach 2) | fit choices without an optimum |",
+             "|---|---|---|---|"]
     for k, v in rob["curves"].items():
         m, b = k.split("@")
-        r, c = v["range"], ci.get(k)
-        lines.append(f"| {method_names.get(m, m)} {b} | {r[0]:.4f} – {r[1]:.4f} "
-                     f"| {'' if c is None else f'{c[0]:.4f} – {c[1]:.4f}'} |")
+        c = ci.get(k)
+        without = v.get("without_optimum", [])
+        lines.append(f"| {method_names.get(m, m)} {b} | {_range(v['range'])} "
+                     f"| {'' if c is None else f'{c[0]:.4f} – {c[1]:.4f}'} "
+                     f"| {len(without)} of {len(v['variants'])}{': ' + ', '.join(without) if without else ''} |")
     lines += ["", "| verdict (PEER − other, nats) | range over fit choices | holds under every choice |", "|---|---|---|"]
     held = verdicts_held(rob, fits, method_names)
     for k, v in rob["verdicts"].items():
         o, b = k.split("-vs-")[1].split("@")
         r = v["range"]
-        lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {r[0]:+.4f} – {r[1]:+.4f} | {held[k]} |")
+        cell = "—" if r is None else f"{r[0]:+.4f} – {r[1]:+.4f}"
+        lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {cell} | {held[k]} |")
     return "\n".join(lines) + "\n"

@@ -74,14 +74,22 @@ def rows(timing: dict, groups: dict, task: str) -> tuple[list[dict], list[str]]:
 
 def best(rs: list[dict]) -> dict[tuple[str, str | None], dict]:
     """Each (method, compute mode)'s lowest-loss row, with `rel_wall` = its wall time ÷ that of
-    dense's best row (None without a dense row)."""
+    dense's best row (None without a dense row), `edge` when it is the smallest or largest of
+    that method's finished shapes (the optimum may lie beyond them), and `seeds_uneven` when
+    those shapes have different numbers of seeds (the pick compares means over different seeds)."""
     out: dict[tuple[str, str | None], dict] = {}
+    mine: dict[tuple[str, str | None], list[dict]] = {}
     for r in rs:
         key = (r["method"], r["compute"])
+        mine.setdefault(key, []).append(r)
         if key not in out or r["loss"] < out[key]["loss"]:
             out[key] = r
     ref = out.get(REFERENCE)
-    return {k: {**r, "rel_wall": r["wall_s"] / ref["wall_s"] if ref else None} for k, r in out.items()}
+    return {k: {**r, "rel_wall": r["wall_s"] / ref["wall_s"] if ref else None,
+                "edge": len(mine[k]) > 1 and r["params"] in (min(x["params"] for x in mine[k]),
+                                                             max(x["params"] for x in mine[k])),
+                "seeds_uneven": len({x["seeds"] for x in mine[k]}) > 1}
+            for k, r in out.items()}
 
 
 def _order(key: tuple[str, str | None]) -> tuple:
@@ -112,7 +120,8 @@ def markdown(rs: list[dict], bests: dict, timing: dict, task: str, missing: list
     for key in sorted(bests, key=_order):
         b = bests[key]
         rel = "—" if b["rel_wall"] is None else f"{b['rel_wall']:.2f}"
-        lines.append(f"| {METHOD_NAMES.get(b['method'], b['method'])} | {b['compute'] or '—'} | {b['shape']} | "
+        lines.append(f"| {METHOD_NAMES.get(b['method'], b['method'])} | {b['compute'] or '—'} | "
+                     f"{b['shape']}{' †' if b['edge'] else ''} | "
                      f"{b['loss']:.4f} | {b['seeds']} | {b['num_steps']} | {1e3 * b['step_s_median']:.1f} ms | "
                      f"{_duration(b['wall_s'])} | {rel} | {counts[key]} |")
     load = timing.get("loadavg_before", [float("nan")])[0], timing.get("loadavg_after", [float("nan")])[0]
@@ -120,6 +129,14 @@ def markdown(rs: list[dict], bests: dict, timing: dict, task: str, missing: list
               f"interleaved rounds × {timing.get('steps')} steps per variant, 1-minute load average "
               f"{load[0]:.1f} before and {load[1]:.1f} after; XLA:CPU pin {timing.get('xla_cpu_pin')}, "
               f"{timing.get('xla_cpu_threads')} thread(s)."]
+    edge = sorted({METHOD_NAMES.get(b["method"], b["method"]) for b in bests.values() if b["edge"]})
+    if edge:
+        lines += ["", f"† the smallest or largest of the method's finished shapes ({', '.join(edge)}): its optimum "
+                  "may lie beyond them."]
+    uneven = sorted({METHOD_NAMES.get(b["method"], b["method"]) for b in bests.values() if b["seeds_uneven"]})
+    if uneven:
+        lines += ["", f"Seeds differ across the shapes of {', '.join(uneven)}: the best shape is picked on means over "
+                  "different seeds."]
     if missing:
         lines += ["", f"Timed without a finished run (left out): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
