@@ -63,6 +63,8 @@ def bootstrap(groups: dict, tasks: list[str], params_kind: str, num_samples: int
         if i >= parametric:
             continue
         for m in methods:
+            if parametric_starts is not None and m not in parametric_starts:
+                continue  # no full-data Approach 3 fit (too few observations): no interval to give
             starts = None
             if parametric_starts and m in parametric_starts:
                 x = parametric_starts[m]  # the full-data solution, and two others against local minima
@@ -149,7 +151,7 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
             other = samples[(g.method, g.budget)]
             cmp = {"approach2": {t: p_lower([x["optimal_loss"].get(t) for x in ref["approach2"]],
                                             [x["optimal_loss"].get(t) for x in other["approach2"]]) for t in tasks}}
-            if ref["approach3"] and other["approach3"]:  # the same first samples of both
+            if f.method in params and g.method in params:  # the same first samples of both
                 cmp["approach3"] = p_lower([x and x["optimal_loss"] for x in ref["approach3"]],
                                            [x and x["optimal_loss"] for x in other["approach3"]])
             f.p_peer_lower[g.method] = cmp
