@@ -616,6 +616,9 @@ def test_runner_runs_skips_and_resumes(fake_grid, tmp_path, monkeypatch):
     assert sweep.run_grid(points[:1], root, gin_args=["--gin.config.TrainConfig.num_steps=9"], command=cmd,
                           poll_s=0.01, log=lambda *_: None) == {"dense_a": "done"}
     assert json.loads((root / "dense_a" / "result.json").read_text())["step"] == 9
+    s = json.loads((root / "dense_a" / "summary.json").read_text())  # the override is on record
+    assert s["gin_overrides"] == ["--gin.config.TrainConfig.num_steps=9"]
+    assert [a["gin_args"] for a in s["attempts"]] == [[], [], ["--gin.config.TrainConfig.num_steps=9"]]
 
 
 def test_sigterm_to_the_sweep_stops_children_cleanly_and_they_resume(fake_grid, tmp_path, monkeypatch):

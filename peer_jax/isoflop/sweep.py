@@ -13,7 +13,8 @@ that grid.json itself. Each point trains in ROOT/<point name>:
 
 The trainer writes operative_config.gin, metrics.jsonl, compile_report.json, checkpoints/ and
 result.json (final metrics); this script adds train.log (the child's output) and
-summary.json: the grid's entry for the point (budget, method, shape, parameters, FLOPs),
+summary.json: the grid's entry for the point (budget, method, shape, parameters, FLOPs; as the
+grid states them: `gin_overrides` lists the sweep's --gin.* flags that the run applied on top),
 status, attempts with their wall times and code version (git HEAD, dirty flag), total wall
 time, the final result and the host it trained on (CPU, the ISA XLA:CPU compiled for,
 threads, jax/jaxlib/flax versions; `peer_jax.host.describe`). Children get
@@ -114,8 +115,10 @@ def point_status(workdir: Path, steps: int) -> str:
     return "new"
 
 
-def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None) -> dict:
-    """Updates workdir/summary.json with one more attempt and the current result."""
+def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None, gin_args=()) -> dict:
+    """Updates workdir/summary.json with one more attempt and the current result; `gin_args`:
+    the --gin.* flags this sweep passes on top of the point's gin file (an LR check's peak_lr:
+    `point` keeps the grid's value)."""
     path = workdir / "summary.json"
     old = _read_json(path) or {}
     attempts = old.get("attempts", []) + ([attempt] if attempt else [])
@@ -124,6 +127,7 @@ def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None) 
     status = point_status(workdir, steps)
     summary = {
         "point": {k: v for k, v in point.items()},
+        "gin_overrides": list(gin_args) if gin_args or attempt else old.get("gin_overrides", []),
         "status": status,
         "num_steps": steps,
         "step": result.get("step"),
@@ -207,11 +211,11 @@ def run_grid(points: list[dict], root: str | Path, *, jobs: int = 1, gin_args: l
         if status == "done":
             statuses[p["name"]] = "done"
             if not (workdir / "summary.json").exists():
-                write_summary(workdir, p, steps, None)
+                write_summary(workdir, p, steps, None, gin_args)
             log(f"skip   {p['name']} (finished)")
         elif status == "no_eval":
             statuses[p["name"]] = "no_eval"
-            write_summary(workdir, p, steps, None)
+            write_summary(workdir, p, steps, None, gin_args)
             log(f"skip   {p['name']} (trained to step {steps} but result.json has no eval: rerun its eval)")
         else:
             todo.append((p, steps, status))
@@ -249,8 +253,8 @@ def run_grid(points: list[dict], root: str | Path, *, jobs: int = 1, gin_args: l
                 logf.close()
                 del running[name]
                 attempt = {"started": started, "wall_time_s": time.time() - t0, "returncode": proc.returncode,
-                           "code": code}
-                summary = write_summary(root / name, p, steps, attempt)
+                           "code": code, "gin_args": list(gin_args)}
+                summary = write_summary(root / name, p, steps, attempt, gin_args)
                 statuses[name] = summary["status"] if proc.returncode == 0 else f"failed (exit {proc.returncode})"
                 log(f"{statuses[name]:6s} {name} step {summary['step']} in {attempt['wall_time_s']:.0f} s "
                     f"eval_loss {summary['eval'].get('eval_loss')}")
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for pt in points:
             workdir = Path(args.root) / pt["name"]
             if (workdir / "result.json").exists():
-                s = write_summary(workdir, pt, expected_steps(pt, gin_args), attempt=None)
+                s = write_summary(workdir, pt, expected_steps(pt, gin_args), None, gin_args)
                 found += 1
                 print(f"{pt['name']:34s} {s['status']}")
         print(f"{found}/{len(points)} points have a result.json under {args.root}")
