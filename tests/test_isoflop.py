@@ -415,7 +415,8 @@ def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
     assert rob["shared_E"] == pytest.approx(E, rel=1e-2)
     for b in ("1e12", "3e12", "1e13"):
         v = rob["verdicts"][f"peer-vs-dense@{b}"]
-        assert {"a2_window3", "a2_window5", "a2_all", "a3", "a3_shared_E", "a3_data_constrained"} <= set(v["variants"])
+        assert {"a2_window3", "a2_window5", "a2_all", "a2_max4_epochs", "a3", "a3_shared_E",
+                "a3_data_constrained"} <= set(v["variants"])
         assert any(k.startswith("a2_drop_") for k in v["variants"])
         assert v["range"][1] < 0
         lo, hi = rob["curves"][f"peer@{b}"]["range"]
@@ -483,6 +484,19 @@ def test_fit_choices_without_an_optimum_are_listed_and_left_out_of_the_ranges():
     rob = robustness.robustness(small, ["kjv"], "active_non_embedding", unique_tokens=1e9)
     for curve in rob["curves"].values():
         assert {"a3", "a3_shared_E", "a3_data_constrained"} <= set(curve["without_optimum"])
+
+
+def test_the_max_4_epochs_variant_fits_only_sizes_of_at_most_4_epochs():
+    """Five sizes at about 8, 4, 2, 1 and 0.5 epochs; only the 8-epoch one is off the parabola. The
+    ≤ 4-epoch refit recovers the parabola's minimum exactly, the all-sizes fit does not."""
+    sizes = (1e4, 2e4, 4e4, 8e4, 1.6e5)
+    unique = 1.01 * 1e12 / (6 * 8e4)  # one epoch: just over the tokens of the 8e4 point
+    truth = lambda n, d, b: 1.5 + 0.1 * math.log(n / 4e4) ** 2 + (0.05 if n == 1e4 else 0.0)
+    groups = _seeded_groups(np.random.default_rng(0), budgets=(1e12,), sizes=sizes, seeds=1, noise=0.0, truth=truth)
+    variants = robustness.robustness(groups, ["kjv"], "active_non_embedding", unique_tokens=unique)["curves"]["peer@1e12"]["variants"]
+    assert variants["a2_max4_epochs"] == pytest.approx(1.5, abs=1e-9)
+    assert abs(variants["a2_all"] - 1.5) > 1e-3
+    assert "a2_max4_epochs" not in robustness.robustness(groups, ["kjv"], "active_non_embedding")["curves"]["peer@1e12"]["variants"]
 
 
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):

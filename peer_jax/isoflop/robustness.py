@@ -9,6 +9,10 @@ compute-optimal loss of the primary eval set under each, and their range:
   around the best one, or to every size;
 * ``a2_drop_<point>``: Approach 2 (window 5) with one size left out, for each size of the
   curve while at least 3 remain (leave-one-size-out);
+* ``a2_max4_epochs``: Approach 2 (the main window) on the sizes that train for at most 4
+  epochs (Muennighoff et al.: up to about 4, a repeated token is worth almost a new one), so a
+  verdict can be bounded to points whose data is not much repeated. Given only when
+  `unique_tokens` is known and at least 3 sizes qualify;
 * ``a3``: Approach 3, one L(N, D) per method (its own irreducible E);
 * ``a3_shared_E``: Approach 3 with one E for all methods (fitted jointly; A, α, B, β stay per
   method). E is the loss of an infinite model on infinite data, a property of the data, so a
@@ -42,6 +46,7 @@ from peer_jax.isoflop.fit import (HUBER_DELTA, METHOD_ORDER, REFERENCE, _paramet
 from peer_jax.isoflop.grids import budget_tag
 
 MUENNIGHOFF_R_STAR = 15.4
+MAX_EPOCHS = 4.0
 
 
 def effective_tokens(d, unique_tokens: float):
@@ -147,6 +152,11 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
         for w in sorted({3, 5, 0, window or 0}, key=lambda v: v or 99):  # 0: every size
             f = fit_group(key[0], key[1], pts, tasks, params_kind, w or None)
             put(key, _a2_name(w), f.optimal_loss[primary], f.from_fit)
+        if unique_tokens:
+            fresh = [p for p in pts if p["tokens"] <= MAX_EPOCHS * unique_tokens]
+            if len(fresh) >= 3:
+                f = fit_group(key[0], key[1], fresh, tasks, params_kind, window)
+                put(key, "a2_max4_epochs", f.optimal_loss[primary], f.from_fit)
         if len(pts) > 3:
             for p in pts:
                 rest = [q for q in pts if q is not p]
@@ -241,6 +251,7 @@ def _families(rob: dict) -> str:
     out = [f"Approach 2 windows {' / '.join(map(str, windows))}"] if windows else []
     out += [text for test, text in ((lambda n: n == "a2_all", "all sizes"),
                                     (lambda n: n.startswith("a2_drop_"), "leave-one-size-out"),
+                                    (lambda n: n == "a2_max4_epochs", f"only sizes of ≤ {MAX_EPOCHS:g} epochs"),
                                     (lambda n: n == "a3", "Approach 3 with its own E"),
                                     (lambda n: n == "a3_shared_E", "with one shared E"),
                                     (lambda n: n == "a3_data_constrained", "with data-constrained D′"))
