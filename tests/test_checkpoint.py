@@ -59,3 +59,28 @@ def test_small_replicated_arrays_save_whole_large_ones_replica_parallel(tmp_path
     assert meta == {"run": "test"}
     for k in state:
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]), err_msg=k)
+
+
+def test_stderr_held_passes_on_success_and_drops_late_noise_on_failure(capfd):
+    """What reaches fd 2 during a restore is passed on when it succeeds; when it fails, it is
+    dropped, including what library threads print after the exception (TensorStore's 'Event
+    loop is closed' tracebacks after orbax gave up), until they have gone quiet."""
+    import os
+    import threading
+    import time
+
+    import pytest
+
+    with ckpt._stderr_held():
+        os.write(2, b"warning kept\n")
+    assert capfd.readouterr().err == "warning kept\n"
+
+    late = threading.Thread(target=lambda: (time.sleep(0.2), os.write(2, b"late traceback\n")))
+    with pytest.raises(ckpt.CheckpointError):
+        with ckpt._stderr_held():
+            os.write(2, b"traceback\n")
+            late.start()
+            raise ckpt.CheckpointError("unreadable")
+    late.join()
+    os.write(2, b"error line\n")
+    assert capfd.readouterr().err == "error line\n"

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+import time
 
 import grain
 import jax
@@ -150,21 +152,50 @@ def _shape_diff(stored: dict, abstract) -> list[str]:
     return out
 
 
+def _wait_until_quiet(f, quiet_s: float = 0.5, max_s: float = 5.0) -> None:
+    """Returns once file `f` has not grown for `quiet_s` seconds (at most `max_s` in all)."""
+    deadline, size, since = time.monotonic() + max_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = os.fstat(f.fileno()).st_size
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Points file descriptor 2 at /dev/null for the block. Reading a corrupt checkpoint,
+def _stderr_held():
+    """Holds what is written to file descriptor 2 during the block in a temporary file.
+
+    If the block succeeds, the held text is passed on to stderr (a successful restore's
+    warnings are kept). If it raises, the text is dropped: reading a corrupt checkpoint,
     TensorStore's threads print a Python traceback ('Event loop is closed') for every read
-    that completes after orbax gave up; the CheckpointError says what happened, in one line."""
+    that completes after orbax gave up, also after the exception has left orbax, so fd 2 stays
+    held until they have gone quiet (bounded wait, on the failure path only); the
+    CheckpointError says what happened, in one line."""
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         sys.stderr.flush()
+        if failed:
+            _wait_until_quiet(held)
         os.dup2(saved, 2)
         os.close(saved)
+        if not failed:
+            held.seek(0)
+            text = held.read()
+            if text:
+                os.write(2, text)
+        held.close()
 
 
 class close_on_error:  # noqa: N801 - used as a context manager
@@ -209,8 +240,9 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     `data_iterator` (if given) to this host's saved position.
 
     Every failure is one CheckpointError line naming the checkpoint, what differs and the fix;
-    shapes are compared from the metadata before any array is read, so no library noise
-    follows it (callers that stop on it close the manager: `close_on_error`).
+    shapes are compared from the metadata before any array is read, and what libraries print
+    while reading is held back (`_stderr_held`), so no library noise follows it (callers that
+    stop on it close the manager: `close_on_error`).
     """
     steps = mngr.all_steps()
     if step is not None and step not in steps:
@@ -221,7 +253,7 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
         return None
     path = os.path.join(str(mngr.directory), str(step))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
-    with _quiet_stderr():
+    with _stderr_held():
         try:
             meta = _read_meta(mngr, step)
             stored = stored_shapes(path)
@@ -251,8 +283,9 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     args = {"state": ocp.args.StandardRestore(abstract)}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(IteratorState(data_iterator))
-    try:
-        out = mngr.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # noqa: BLE001
-        raise _unreadable(mngr, step, path, e) from e
+    with _stderr_held():
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001
+            raise _unreadable(mngr, step, path, e) from e
     return out["state"], meta
