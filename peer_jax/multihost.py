@@ -123,6 +123,9 @@ class _Pod:
     def _die(self, why: str) -> None:
         if self._stop.is_set():  # this host is already exiting with its own error
             return
+        ckpt = sys.modules.get("peer_jax.training.checkpoint")
+        if ckpt is not None:  # stderr may be held by a checkpoint read; os._exit would lose this line
+            ckpt.release_stderr()
         print(f"error: lost a host: {why}. This is {self.describe(self.me)}; exiting with status "
               f"{EXIT_HOST_LOST}. The last complete checkpoint is intact: restart every host to resume.",
               file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 import grain
 import jax
@@ -152,32 +151,35 @@ def _shape_diff(stored: dict, abstract) -> list[str]:
     return out
 
 
-def _wait_until_quiet(f, quiet_s: float = 0.5, max_s: float = 5.0) -> None:
-    """Returns once file `f` has not grown for `quiet_s` seconds (at most `max_s` in all)."""
-    deadline, size, since = time.monotonic() + max_s, -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = os.fstat(f.fileno()).st_size
-        if now != size:
-            size, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-        time.sleep(0.05)
+_HELD: list[int] = []  # fds that stderr was saved to while `_stderr_held` blocks run
+
+
+def release_stderr() -> None:
+    """Points fd 2 back at the real stderr if a `_stderr_held` block is running, so that a
+    message printed right before `os._exit` (a pod's lost-host watchdog) is not held and lost."""
+    while _HELD:
+        os.dup2(_HELD.pop(), 2)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:  # a closed or full stderr pipe: nothing better to do with library chatter
+        pass
 
 
 @contextlib.contextmanager
 def _stderr_held():
-    """Holds what is written to file descriptor 2 during the block in a temporary file.
-
-    If the block succeeds, the held text is passed on to stderr (a successful restore's
-    warnings are kept). If it raises, the text is dropped: reading a corrupt checkpoint,
-    TensorStore's threads print a Python traceback ('Event loop is closed') for every read
-    that completes after orbax gave up, also after the exception has left orbax, so fd 2 stays
-    held until they have gone quiet (bounded wait, on the failure path only); the
-    CheckpointError says what happened, in one line."""
+    """Holds what is written to file descriptor 2 during the block (metadata reads of a
+    checkpoint) in a temporary file: passed on to stderr if the block succeeds, dropped if it
+    raises (a corrupt checkpoint's TensorStore errors; the CheckpointError says what happened,
+    in one line). `release_stderr` ends the hold early."""
     sys.stderr.flush()
     saved = os.dup(2)
     held = tempfile.TemporaryFile()
     os.dup2(held.fileno(), 2)
+    _HELD.append(saved)
     failed = False
     try:
         yield
@@ -185,17 +187,67 @@ def _stderr_held():
         failed = True
         raise
     finally:
-        sys.stderr.flush()
-        if failed:
-            _wait_until_quiet(held)
-        os.dup2(saved, 2)
-        os.close(saved)
-        if not failed:
-            held.seek(0)
-            text = held.read()
-            if text:
-                os.write(2, text)
-        held.close()
+        try:
+            sys.stderr.flush()
+            if saved in _HELD:
+                _HELD.remove(saved)
+                os.dup2(saved, 2)
+            if not failed:
+                held.seek(0)
+                _write_all(2, held.read())
+        finally:
+            os.close(saved)
+            held.close()
+
+
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _AbandonedReadLog(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for orbax's reads that failed after the
+    restore had already failed (their errors are the one the CheckpointError reports)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Task exception was never retrieved" in msg and "orbax" in msg)
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet():
+    """Drops the noise of array reads that outlive a failed restore, and nothing else.
+
+    When one read of a corrupt checkpoint fails, orbax stops its event loop; reads still in
+    flight then finish in TensorStore's threads, each raising 'Event loop is closed' (printed
+    through sys.excepthook / sys.unraisablehook) or leaving an unretrieved task error (the
+    asyncio logger), during the restore and after it has raised. These two hooks and a filter
+    on the asyncio logger drop exactly those, passing everything else on. On success they are
+    removed; on failure they stay (the reads print after the exception has left), and the
+    process is about to stop with the CheckpointError. Nothing is redirected, so no message
+    of another thread (a pod's lost-host watchdog) or of a crash is held back."""
+    prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(t, v, tb):
+        if not _is_abandoned_read(v):
+            prev_except(t, v, tb)
+
+    def unraisablehook(u):
+        if not _is_abandoned_read(u.exc_value):
+            prev_unraisable(u)
+
+    log, quiet = logging.getLogger("asyncio"), _AbandonedReadLog()
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    log.addFilter(quiet)
+    try:
+        yield
+    except BaseException:
+        raise
+    else:
+        if sys.excepthook is excepthook:
+            sys.excepthook = prev_except
+        if sys.unraisablehook is unraisablehook:
+            sys.unraisablehook = prev_unraisable
+        log.removeFilter(quiet)
 
 
 class close_on_error:  # noqa: N801 - used as a context manager
@@ -240,9 +292,10 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     `data_iterator` (if given) to this host's saved position.
 
     Every failure is one CheckpointError line naming the checkpoint, what differs and the fix;
-    shapes are compared from the metadata before any array is read, and what libraries print
-    while reading is held back (`_stderr_held`), so no library noise follows it (callers that
-    stop on it close the manager: `close_on_error`).
+    shapes are compared from the metadata before any array is read (what libraries print then
+    is held back: `_stderr_held`), and the noise of array reads abandoned by a failed restore
+    is dropped (`_abandoned_reads_quiet`), so no library noise follows it (callers that stop on
+    it close the manager: `close_on_error`).
     """
     steps = mngr.all_steps()
     if step is not None and step not in steps:
@@ -253,7 +306,7 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
         return None
     path = os.path.join(str(mngr.directory), str(step))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
-    with _stderr_held():
+    with _abandoned_reads_quiet(), _stderr_held():
         try:
             meta = _read_meta(mngr, step)
             stored = stored_shapes(path)
@@ -283,7 +336,7 @@ def restore(mngr: ocp.CheckpointManager, state_like, shardings, step: int | None
     args = {"state": ocp.args.StandardRestore(abstract)}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(IteratorState(data_iterator))
-    with _stderr_held():
+    with _abandoned_reads_quiet():
         try:
             out = mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001
