@@ -415,8 +415,9 @@ def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
     assert rob["shared_E"] == pytest.approx(E, rel=1e-2)
     for b in ("1e12", "3e12", "1e13"):
         v = rob["verdicts"][f"peer-vs-dense@{b}"]
-        assert {"a2_window3", "a2_window5", "a2_all", "a2_max4_epochs", "a3", "a3_shared_E",
-                "a3_data_constrained"} <= set(v["variants"])
+        assert {"a2_window3", "a2_window5", "a2_all", "a3", "a3_shared_E", "a3_data_constrained"} <= set(v["variants"])
+        # the ≤ 4-epoch refit exists where some size trains longer (the smallest: 1.7, 5 and 17 epochs)
+        assert ("a2_max4_epochs" in v["variants"]) == (b != "1e12")
         assert any(k.startswith("a2_drop_") for k in v["variants"])
         assert v["range"][1] < 0
         lo, hi = rob["curves"][f"peer@{b}"]["range"]
@@ -497,6 +498,22 @@ def test_the_max_4_epochs_variant_fits_only_sizes_of_at_most_4_epochs():
     assert variants["a2_max4_epochs"] == pytest.approx(1.5, abs=1e-9)
     assert abs(variants["a2_all"] - 1.5) > 1e-3
     assert "a2_max4_epochs" not in robustness.robustness(groups, ["kjv"], "active_non_embedding")["curves"]["peer@1e12"]["variants"]
+
+
+def test_table_flags_unequal_seeds_and_shares_from_a_curve_without_an_optimum():
+    """Dense has one seed at one size (the others two): the table says so; PEER's loss falls
+    to its largest size (no interior optimum): its P(PEER lower) share is marked †."""
+    rng = np.random.default_rng(0)
+    groups = _seeded_groups(rng, method="dense", budgets=(1e12,), seeds=2, noise=0.01,
+                            truth=lambda n, d, b: 1.6 + 0.05 * (math.log(n) - math.log(1e5)) ** 2)
+    groups[("dense", 1e12)][0]["loss"]["kjv"] = groups[("dense", 1e12)][0]["loss"]["kjv"][:1]
+    groups.update(_seeded_groups(rng, method="peer", budgets=(1e12,), seeds=2, noise=0.01,
+                                 truth=lambda n, d, b: 1.5 - 0.02 * math.log(n)))
+    fits, _ = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=20, parametric=False)
+    table = report.markdown_table(fits, ["kjv"], "active_non_embedding")
+    assert "Seeds per size differ within Dense 1e12 (1–2):" in table and "PEER 1e12 (" not in table
+    assert re.search(r"\| 1e12 \| \d\.\d\d † \|", table)
+    assert "† a curve without an optimum inside its sizes" in table
 
 
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):
@@ -633,6 +650,11 @@ def test_runner_runs_skips_and_resumes(fake_grid, tmp_path, monkeypatch):
     s = json.loads((root / "dense_a" / "summary.json").read_text())  # the override is on record
     assert s["gin_overrides"] == ["--gin.config.TrainConfig.num_steps=9"]
     assert [a["gin_args"] for a in s["attempts"]] == [[], [], ["--gin.config.TrainConfig.num_steps=9"]]
+    (root / "dense_a" / "result.json").write_text(json.dumps({"step": 9}))  # no eval: a skip rewrites the summary
+    sweep.run_grid(points[:1], root, gin_args=["--gin.config.TrainConfig.num_steps=9", "--gin.x=1"], command=cmd,
+                   poll_s=0.01, log=lambda *_: None)
+    assert json.loads((root / "dense_a" / "summary.json").read_text())["gin_overrides"] == [
+        "--gin.config.TrainConfig.num_steps=9"]  # what the run applied, not this command's flags
 
 
 def test_sigterm_to_the_sweep_stops_children_cleanly_and_they_resume(fake_grid, tmp_path, monkeypatch):

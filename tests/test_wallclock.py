@@ -140,13 +140,13 @@ def test_step_timing_refuses_points_that_pin_differently(tmp_path):
 # ----------------------------------------------------------------------------- the view
 
 
-def _summary(root: Path, name: str, method: str, loss: float, budget=1e12):
+def _summary(root: Path, name: str, method: str, loss: float, budget=1e12, params=1e4):
     (root / name).mkdir(parents=True)
     result = {"step": 10, "eval_loss": loss, "eval/kjv/loss": loss, "eval/pydoc/loss": loss + 1}
     (root / name / "summary.json").write_text(json.dumps({
         "status": "done", "result": result, "wall_time_s": 1.0,
         "point": {"name": name, "method": method, "budget": budget, "tokens": 1e6,
-                  "params": {k: 1e4 for k in fit.PARAM_KINDS}}}))
+                  "params": {k: params for k in fit.PARAM_KINDS}}}))
 
 
 def _variant(point, method, compute, d, steps, step_s):
@@ -159,8 +159,10 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
     shapes = [(16, 1000), (32, 500), (64, 250)]  # (d_model, num_steps) at one budget
     dense_loss = {16: [1.5], 32: [1.4, 1.42], 64: [1.45, 1.33]}  # mean over seeds: d64 (1.39) is best
     peer_loss = {16: 1.30, 32: 1.35, 64: 1.32}
+    moe_loss = {16: 1.36, 32: 1.31, 64: 1.34}  # best in the middle: not an edge
     variants = []
     for d, steps in shapes:
+        variants.append(_variant(f"moe_dropless_1e12_L1_d{d}", "moe_dropless", None, d, steps, 0.04))
         variants.append(_variant(f"dense_1e12_L1_d{d}", "dense", None, d, steps, {16: 0.01, 32: 0.03, 64: 0.1}[d]))
         for mode, step_s in (("efficient", 0.05), ("native", 0.02)):
             variants.append(_variant(f"peer_1e12_L1_d{d}", "peer", mode, d, steps, step_s))
@@ -173,9 +175,10 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
         root = tmp_path / f"seed{seed}"
         for d, _ in shapes:
             if seed < len(dense_loss[d]):
-                _summary(root, f"dense_1e12_L1_d{d}", "dense", dense_loss[d][seed])
+                _summary(root, f"dense_1e12_L1_d{d}", "dense", dense_loss[d][seed], params=100.0 * d * d)
             if seed == 0:
-                _summary(root, f"peer_1e12_L1_d{d}", "peer", peer_loss[d])
+                _summary(root, f"peer_1e12_L1_d{d}", "peer", peer_loss[d], params=100.0 * d * d)
+                _summary(root, f"moe_dropless_1e12_L1_d{d}", "moe_dropless", moe_loss[d], params=100.0 * d * d)
         _summary(root, "dense_3e12_L1_d16", "dense", 1.0, budget=3e12)  # another budget: ignored
     out = tmp_path / "out"
     assert wallclock.main(["--timing", str(tmp_path / "timing.json"), "--root", str(tmp_path / "seed0"),
@@ -183,7 +186,7 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
 
     res = json.loads((out / "wallclock_1e12.json").read_text())
     best = {(b["method"], b["compute"]): b for b in res["best"]}
-    assert set(best) == {("dense", None), ("peer", "efficient"), ("peer", "native")}
+    assert set(best) == {("dense", None), ("moe_dropless", None), ("peer", "efficient"), ("peer", "native")}
     assert best[("dense", None)]["point"] == "dense_1e12_L1_d64" and best[("dense", None)]["seeds"] == 2
     assert best[("dense", None)]["loss"] == pytest.approx(1.39)
     assert best[("dense", None)]["wall_s"] == pytest.approx(25.0)  # 250 steps × 0.1 s
@@ -191,10 +194,12 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
         b = best[("peer", mode)]
         assert b["point"] == "peer_1e12_L1_d16" and b["wall_s"] == pytest.approx(wall)
         assert b["rel_wall"] == pytest.approx(wall / 25.0)
-    assert res["missing"] == ["pkm_1e12_L1_d16/native"] and len(res["rows"]) == 9
+    assert res["missing"] == ["pkm_1e12_L1_d16/native"] and len(res["rows"]) == 12
     table = (out / "wallclock_1e12.md").read_text()
-    # both picks are an end of their method's shapes, and dense's shapes have 1 or 2 seeds
+    # dense's and PEER's picks are an end of their shapes (MoE's is not); dense's have 1 or 2 seeds
     assert best[("dense", None)]["edge"] and best[("peer", "native")]["edge"]
+    assert best[("moe_dropless", None)]["point"] == "moe_dropless_1e12_L1_d32" and not best[("moe_dropless", None)]["edge"]
+    assert "| L1 d32 | 1.3100 |" in (out / "wallclock_1e12.md").read_text()
     assert best[("dense", None)]["seeds_uneven"] and not best[("peer", "native")]["seeds_uneven"]
     assert "| PEER | native | L1 d16 † | 1.3000 | 1 | 1000 | 20.0 ms | 20 s | 0.80 | 3 |" in table
     assert "| Dense | — | L1 d64 † | 1.3900 | 2 | 250 | 100.0 ms | 25 s | 1.00 | 3 |" in table
@@ -203,7 +208,8 @@ def test_wallclock_table_marks_each_methods_best_and_its_time_relative_to_dense(
     for text in (table, res["caption"]):
         assert "not TPU wall time" in text and "2 thread(s)" in text and "ranking can differ" in text
     assert (out / "wallclock_1e12.png").read_bytes()[:4] == b"\x89PNG"
-    assert math.isclose(res["rows"][0]["wall_s"], 1000 * 0.01)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert math.isclose(rows["dense_1e12_L1_d16"]["wall_s"], 1000 * 0.01)
 
 
 def test_wallclock_without_matching_runs_fails_with_one_line(tmp_path, capsys):

@@ -7,12 +7,12 @@ compute-optimal loss of the primary eval set under each, and their range:
 
 * ``a2_window3``, ``a2_window5``, ``a2_all``: Approach 2 fitted to the 3 or 5 consecutive sizes
   around the best one, or to every size;
-* ``a2_drop_<point>``: Approach 2 (window 5) with one size left out, for each size of the
-  curve while at least 3 remain (leave-one-size-out);
+* ``a2_drop_<point>``: Approach 2 (the main window) with one size left out, for each size of
+  the curve while at least 3 remain (leave-one-size-out);
 * ``a2_max4_epochs``: Approach 2 (the main window) on the sizes that train for at most 4
   epochs (Muennighoff et al.: up to about 4, a repeated token is worth almost a new one), so a
   verdict can be bounded to points whose data is not much repeated. Given only when
-  `unique_tokens` is known and at least 3 sizes qualify;
+  `unique_tokens` is known, some size trains for more and at least 3 sizes qualify;
 * ``a3``: Approach 3, one L(N, D) per method (its own irreducible E);
 * ``a3_shared_E``: Approach 3 with one E for all methods (fitted jointly; A, α, B, β stay per
   method). E is the loss of an infinite model on infinite data, a property of the data, so a
@@ -136,8 +136,8 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
     """{"curves": {"method@budget": {"variants": {name: loss}, "without_optimum": [names], "range": [lo, hi]}},
     "verdicts": {"peer-vs-<method>@budget": {"variants": {name: PEER − other}, "without_optimum": [names],
     "range": [lo, hi]}}, "shared_E": E} on the primary eval set (tasks[0]), losses in nats; a range
-    is None when no variant has an optimum. `window` is the main fit's (the one the verdicts'
-    "not stated" rule reads): leave-one-size-out refits with it."""
+    is None when no variant has an optimum. `window`: the main fit's (`report` passes
+    --window): leave-one-size-out and the ≤ 4-epoch variant refit with it."""
     primary = tasks[0]
     main = _a2_name(window)
     curves: dict[tuple[str, float], dict[str, float]] = {k: {} for k in groups}
@@ -154,7 +154,7 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
             put(key, _a2_name(w), f.optimal_loss[primary], f.from_fit)
         if unique_tokens:
             fresh = [p for p in pts if p["tokens"] <= MAX_EPOCHS * unique_tokens]
-            if len(fresh) >= 3:
+            if 3 <= len(fresh) < len(pts):
                 f = fit_group(key[0], key[1], fresh, tasks, params_kind, window)
                 put(key, "a2_max4_epochs", f.optimal_loss[primary], f.from_fit)
         if len(pts) > 3:
@@ -223,8 +223,9 @@ def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, st
     """{verdict key: what holds under every fit choice}: "PEER lower", "PEER higher", "no: the
     sign depends on the choice", or "not stated: …" when a curve's main Approach 2 optimum is its
     best observed point (too few sizes, non-convex, or the minimum at an end of the sampled
-    sizes): such a curve has no measured optimum to compare. Fit choices without an optimum on
-    either side are left out of the range, and the verdict says how many."""
+    sizes; read from `fits`, the main fits): such a curve has no measured optimum to compare.
+    Fit choices without an optimum on either side are left out of the range, and the verdict
+    says how many; "not stated: no fit choice has an optimum on both sides" when none is left."""
     edge = {f"{f.method}@{budget_tag(f.budget)}" for f in fits if not f.from_fit}
     held = {}
     for k, v in rob["verdicts"].items():

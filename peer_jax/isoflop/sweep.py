@@ -127,7 +127,9 @@ def write_summary(workdir: Path, point: dict, steps: int, attempt: dict | None, 
     status = point_status(workdir, steps)
     summary = {
         "point": {k: v for k, v in point.items()},
-        "gin_overrides": list(gin_args) if gin_args or attempt else old.get("gin_overrides", []),
+        # what the runs applied: this attempt's flags, else the record (a skip reruns nothing),
+        # else the command's (--summarize of runs trained elsewhere with these flags)
+        "gin_overrides": list(gin_args) if attempt else old.get("gin_overrides", list(gin_args)),
         "status": status,
         "num_steps": steps,
         "step": result.get("step"),

@@ -75,8 +75,9 @@ def rows(timing: dict, groups: dict, task: str) -> tuple[list[dict], list[str]]:
 def best(rs: list[dict]) -> dict[tuple[str, str | None], dict]:
     """Each (method, compute mode)'s lowest-loss row, with `rel_wall` = its wall time ÷ that of
     dense's best row (None without a dense row), `edge` when it is the smallest or largest of
-    that method's finished shapes (the optimum may lie beyond them), and `seeds_uneven` when
-    those shapes have different numbers of seeds (the pick compares means over different seeds)."""
+    that method's rows (its timed shapes with a finished run; a lone row is both), where the
+    optimum may lie beyond them, and `seeds_uneven` when those shapes have different numbers
+    of seeds (the pick compares means over different seeds)."""
     out: dict[tuple[str, str | None], dict] = {}
     mine: dict[tuple[str, str | None], list[dict]] = {}
     for r in rs:
@@ -86,8 +87,7 @@ def best(rs: list[dict]) -> dict[tuple[str, str | None], dict]:
             out[key] = r
     ref = out.get(REFERENCE)
     return {k: {**r, "rel_wall": r["wall_s"] / ref["wall_s"] if ref else None,
-                "edge": len(mine[k]) > 1 and r["params"] in (min(x["params"] for x in mine[k]),
-                                                             max(x["params"] for x in mine[k])),
+                "edge": r["params"] in (min(x["params"] for x in mine[k]), max(x["params"] for x in mine[k])),
                 "seeds_uneven": len({x["seeds"] for x in mine[k]}) > 1}
             for k, r in out.items()}
 
