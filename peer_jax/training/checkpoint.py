@@ -238,16 +238,12 @@ def _abandoned_reads_quiet():
     log, quiet = logging.getLogger("asyncio"), _AbandonedReadLog()
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
     log.addFilter(quiet)
-    try:
-        yield
-    except BaseException:
-        raise
-    else:
-        if sys.excepthook is excepthook:
-            sys.excepthook = prev_except
-        if sys.unraisablehook is unraisablehook:
-            sys.unraisablehook = prev_unraisable
-        log.removeFilter(quiet)
+    yield  # an exception from the block leaves here: the hooks and the filter stay
+    if sys.excepthook is excepthook:
+        sys.excepthook = prev_except
+    if sys.unraisablehook is unraisablehook:
+        sys.unraisablehook = prev_unraisable
+    log.removeFilter(quiet)
 
 
 class close_on_error:  # noqa: N801 - used as a context manager
