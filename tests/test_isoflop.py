@@ -278,13 +278,13 @@ def test_fit_window_keeps_far_sizes_from_dragging_the_vertex():
     assert list(fit.window_around(2, 4, 5)) == list(fit.window_around(2, 4, 0)) == [0, 1, 2, 3]
 
 
-def _fake_summary(root: Path, method, budget, params, loss, status="done", tokens=1e6):
+def _fake_summary(root: Path, method, budget, params, loss, status="done", tokens=1e6, cpu_model="CPU A"):
     name = f"{method}_{budget:g}_{params:g}"
     (root / name).mkdir(parents=True)
     result = {"step": 10, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval/kjv/loss": loss,
               "eval/pydoc/loss": loss + 1}
     (root / name / "summary.json").write_text(json.dumps({
-        "status": status, "result": result, "wall_time_s": 1.0,
+        "status": status, "result": result, "wall_time_s": 1.0, "host": {"cpu_model": cpu_model},
         "point": {"name": name, "method": method, "budget": budget, "tokens": 1e6,
                   "params": {k: params for k in fit.PARAM_KINDS}}}))
 
@@ -523,7 +523,10 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
             for budget, u0 in ((1e12, math.log(4e5)), (3e12, math.log(8e5))):
                 for n in (1e5, 3e5, 1e6, 3e6):
                     loss = 2.0 + shift + 0.1 * (math.log(n) - u0) ** 2 + 0.01 * rng.standard_normal()
-                    _fake_summary(tmp_path / f"seed{seed}", method, budget, n, loss, tokens=budget / (6 * n))
+                    # seed 1's largest 3e12 size trained on another CPU model: the table and JSON say so
+                    cpu = "CPU B" if (seed, budget, n) == (1, 3e12, 3e6) else "CPU A"
+                    _fake_summary(tmp_path / f"seed{seed}", method, budget, n, loss, tokens=budget / (6 * n),
+                                  cpu_model=cpu)
     args = ["--root", str(tmp_path / "seed0"), "--root", str(tmp_path / "seed1"), "--out", str(tmp_path / "fit"),
             "--bootstrap", "60", "--bootstrap_parametric", "10"]
     assert report.main(args) == 0
@@ -541,6 +544,8 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
             assert f["p_peer_lower"] is None
     table = (tmp_path / "fit/isoflop_table.md").read_text()
     assert "**Approach 3**" in table and "P(PEER lower)" in table and "| MoE 1e12 |" in table
+    assert out["cpu_models"] == {"CPU A": 45, "CPU B": 3}
+    assert "Runs from 2 CPU models: CPU A: 45 runs (1e12, 3e12); CPU B: 3 runs (3e12)." in table
     held = {k: v["holds"] for k, v in out["robustness"]["verdicts"].items()}
     assert set(held) == {f"peer-vs-{m}@{b}" for m in ("dense", "moe_dropless") for b in ("1e12", "3e12")}
     for k, h in held.items():  # the JSON states what the table states

@@ -79,6 +79,7 @@ def collect(roots: list[str | Path], params_kind: str) -> tuple[dict[tuple[str, 
                 "loss": {},
                 "roots": [],
                 "wall_time_s": [],
+                "cpu_models": [],
             })
             if str(root) in entry["roots"]:
                 continue
@@ -94,6 +95,7 @@ def collect(roots: list[str | Path], params_kind: str) -> tuple[dict[tuple[str, 
                     break
             entry["roots"].append(str(root))
             entry["wall_time_s"].append(s.get("wall_time_s"))
+            entry["cpu_models"].append((s.get("host") or {}).get("cpu_model") or "unknown")
     groups: dict[tuple[str, float], list[dict]] = {}
     for e in by_name.values():
         n = len(e["roots"])
@@ -119,6 +121,17 @@ def _window_note(fits: list[Fit]) -> str:
         return ""
     w = max(len(f.fit_points) for f in cut)
     return f"; a curve with more than {w} sizes is fitted to the {w} consecutive sizes around its best"
+
+
+def host_counts(fits: list[Fit]) -> dict[str, tuple[int, list[str]]]:
+    """{CPU model: (runs, budgets with runs from it)} over every (point, seed) run of the fits."""
+    out: dict[str, tuple[int, list[str]]] = {}
+    for f in fits:
+        for p in f.points:
+            for m in p.get("cpu_models", []):
+                n, by = out.get(m, (0, []))
+                out[m] = (n + 1, by if budget_tag(f.budget) in by else by + [budget_tag(f.budget)])
+    return out
 
 
 def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametric: dict | None = None) -> str:
@@ -197,6 +210,12 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
         if any(fallback.get(f.budget, set()) & ({REFERENCE} | set(others)) for f in cmp):
             lines += ["", "† a curve without an optimum inside its sizes: the Approach 2 share compares its best "
                       "observed point, not an optimum."]
+    hosts = host_counts(fits)
+    if len(hosts) > 1:
+        lines += ["", "Runs from " + str(len(hosts)) + " CPU models: " + "; ".join(
+            f"{m}: {n} runs ({', '.join(by)})" for m, (n, by) in hosts.items()) + ". A run re-runs bit for bit "
+            "only on its own CPU model (docs/reproducibility.md); across models its losses differ like a rerun "
+            "with perturbed arithmetic, not like another seed (same init and data order)."]
     legend = [f"{METHOD_NAMES[m]}: {METHOD_LONG[m]}" for m in METHOD_LONG if any(f.method == m for f in fits)]
     if legend:
         lines += [""] + ["- " + x for x in legend]
@@ -243,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "isoflop_fit.json").write_text(json.dumps(
         {"params_kind": args.params, "eval_tasks": tasks, "roots": [str(r) for r in args.root],
          "approach2_window": args.window or None,
+         "cpu_models": {m: n for m, (n, _) in host_counts(fits).items()},
          "bootstrap": {"samples": args.bootstrap, "parametric_samples": min(args.bootstrap, args.bootstrap_parametric),
                        "seed": args.bootstrap_seed,
                        "resampling": "seeds of each point, with replacement"},
