@@ -401,6 +401,24 @@ def test_parametric_fit_recovers_a_known_loss_surface_and_its_optimum():
         assert lo <= true_opt <= hi and hi - lo < 0.05
 
 
+def test_approach3_needs_two_budgets_of_three_sizes():
+    """On one budget ln D is a function of ln N, so L(N, D) is not identifiable: a method with
+    one budget of three or more sizes gets no Approach 3, in the fits and in the robustness ranges."""
+    law = lambda n, d, b: 1.2 + 40.0 / n**0.35 + 60.0 / d**0.3
+    groups = _seeded_groups(np.random.default_rng(0), method="peer", budgets=(1e12, 3e12), seeds=1, noise=0.0,
+                            truth=law)
+    groups.update(_seeded_groups(np.random.default_rng(0), method="dense", budgets=(1e12,), seeds=2, noise=0.0,
+                                 truth=law))
+    groups.update(_seeded_groups(np.random.default_rng(0), method="pkm", budgets=(1e12, 3e12), seeds=1, noise=0.0,
+                                 truth=law))
+    groups[("pkm", 3e12)] = groups[("pkm", 3e12)][:2]
+    assert [fit.approach3_fittable(groups, "kjv", m) for m in ("peer", "dense", "pkm")] == [True, False, False]
+    fits, params = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding")
+    assert set(params) == {"peer"} and all((f.approach3 is None) == (f.method != "peer") for f in fits)
+    curves = robustness.robustness(groups, ["kjv"], "active_non_embedding")["curves"]
+    assert "a3" in curves["peer@1e12"]["variants"] and "a3" not in curves["dense@1e12"]["variants"]
+
+
 def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
     """Two methods on one law that differ only in A (PEER's model term 20 % smaller): the shared-E
     fit finds the common E, every variant puts PEER below, and the data-constrained D′ equals D

@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 
-from peer_jax.isoflop.fit import METHOD_ORDER, REFERENCE, Fit, approach3, as_list, fit_group
+from peer_jax.isoflop.fit import (METHOD_ORDER, REFERENCE, Fit, approach3, approach3_fittable, as_list,
+                                  fit_group)
 
 
 def resample_seeds(groups: dict, rng: np.random.Generator) -> dict:
@@ -113,8 +114,7 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
     params: dict[str, dict] = {}
     if parametric:
         for m in sorted({m for m, _ in groups}, key=lambda m: order.get(m, 99)):
-            n_obs = sum(len(p["loss"][primary]) for (mm, _), ps in groups.items() if mm == m for p in ps)
-            if n_obs < 6:  # five parameters
+            if not approach3_fittable(groups, primary, m):
                 continue
             fitted, optima = approach3(groups, primary, m)
             params[m] = fitted

@@ -233,6 +233,15 @@ def flops_per_token_fn(points: list[dict]):
     return lambda n: np.exp(np.polyval(coeffs, np.log(n)))
 
 
+def approach3_fittable(groups: dict, primary: str, method: str) -> bool:
+    """Whether L(N, D) is identifiable from `method`'s points: at least 2 budgets with 3 sizes
+    each (on one budget ln D is a function of ln N, so the N and D terms trade off freely) and
+    6 observations (five parameters)."""
+    pts = {b: ps for (m, b), ps in groups.items() if m == method}
+    n_obs = sum(len(as_list(p["loss"].get(primary, []))) for ps in pts.values() for p in ps)
+    return n_obs >= 6 and sum(len(ps) >= 3 for ps in pts.values()) >= 2
+
+
 def approach3(groups: dict, primary: str, method: str, starts=None) -> tuple[dict, dict[float, dict]]:
     """Fits L(N, D) over all budgets of `method`; returns (fitted, {budget: optimum})."""
     pts = [p for (m, _), ps in groups.items() if m == method for p in ps]

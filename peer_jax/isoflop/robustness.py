@@ -41,8 +41,8 @@ import warnings
 
 import numpy as np
 
-from peer_jax.isoflop.fit import (HUBER_DELTA, METHOD_ORDER, REFERENCE, _parametric_jac, _parametric_loss, approach3, as_list,
-                                  fit_group, fit_parametric, flops_per_token_fn)
+from peer_jax.isoflop.fit import (HUBER_DELTA, METHOD_ORDER, REFERENCE, _parametric_jac, _parametric_loss, approach3,
+                                  approach3_fittable, as_list, fit_group, fit_parametric, flops_per_token_fn)
 from peer_jax.isoflop.grids import budget_tag
 
 MUENNIGHOFF_R_STAR = 15.4
@@ -165,7 +165,7 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
     methods = sorted({m for m, _ in groups})
     per_method = {}
     for m in methods:
-        if len(_observations(groups, primary, m)[2]) < 6:  # five parameters
+        if not approach3_fittable(groups, primary, m):
             continue
         fitted, optima = approach3(groups, primary, m)
         per_method[m] = fitted
