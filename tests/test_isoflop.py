@@ -534,6 +534,15 @@ def test_table_flags_unequal_seeds_and_shares_from_a_curve_without_an_optimum():
     assert "† a curve without an optimum inside its sizes" in table
 
 
+def test_seed_curve_keeps_each_points_value_from_that_root():
+    pts = [{"name": "a", "loss": {"kjv": [1.0, 2.0, 3.0]}, "roots": ["r/seed0", "r/seed1", "r/seed2"]},
+           {"name": "b", "loss": {"kjv": [4.0, 5.0]}, "roots": ["r/seed0", "r/seed2"]},
+           {"name": "c", "loss": {"kjv": [6.0]}}]
+    got = robustness.seed_curve(pts, "r/seed2")
+    assert [(p["name"], p["loss"]["kjv"], p["roots"]) for p in got] == [("a", [3.0], ["r/seed2"]), ("b", [5.0], ["r/seed2"])]
+    assert [p["name"] for p in robustness.seed_curve(pts, "r/seed1")] == ["a"]
+
+
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):
     rng = np.random.default_rng(0)
     for seed in (0, 1):
@@ -566,6 +575,11 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
     assert "Runs from 2 CPU models: CPU A: 45 runs (1e12, 3e12); CPU B: 3 runs (3e12)." in table
     held = {k: v["holds"] for k, v in out["robustness"]["verdicts"].items()}
     assert set(held) == {f"peer-vs-{m}@{b}" for m in ("dense", "moe_dropless") for b in ("1e12", "3e12")}
+    for k, v in out["robustness"]["verdicts"].items():  # each seed's curves fitted alone
+        assert set(v["per_seed"]) == {"seed0", "seed1"}
+        if "-vs-dense@" in k:  # PEER is 0.2 nats lower in every seed
+            assert all(d == pytest.approx(-0.2, abs=0.05) for d in v["per_seed"].values())
+    assert re.search(r"\| PEER vs Dense 1e12 \| [^|]+ \| [^|]+ \| seed0 -0\.\d{4}, seed1 -0\.\d{4} \|", table)
     for k, h in held.items():  # the JSON states what the table states
         assert re.search(rf"\| PEER vs \S+ {k.split('@')[1]} \| [^|]+ \| {re.escape(h)} \|", table), (k, h)
     for png in ("isoflop.png", "isoflop_pydoc.png", "optimum.png"):
