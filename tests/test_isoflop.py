@@ -572,6 +572,9 @@ def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_pat
     table = (tmp_path / "fit/isoflop_table.md").read_text()
     assert "**Approach 3**" in table and "P(PEER lower)" in table and "| MoE 1e12 |" in table
     assert out["cpu_models"] == {"CPU A": 45, "CPU B": 3}
+    one = robustness.robustness(report.collect([tmp_path / "seed0"], "active_non_embedding")[0], ["kjv"],
+                                "active_non_embedding")
+    assert not any("per_seed" in v for v in one["verdicts"].values())  # one seed: nothing to add
     assert "Runs from 2 CPU models: CPU A: 45 runs (1e12, 3e12); CPU B: 3 runs (3e12)." in table
     held = {k: v["holds"] for k, v in out["robustness"]["verdicts"].items()}
     assert set(held) == {f"peer-vs-{m}@{b}" for m in ("dense", "moe_dropless") for b in ("1e12", "3e12")}

@@ -236,7 +236,8 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
             v = summary(diffs, without)
             # each seed's curves alone (main fit): is the sign the same in every seed?
             per_seed = {}
-            for root in sorted({r for p in groups[(m, b)] for r in p.get("roots", [])}):
+            roots = sorted({r for x in (m, o) for p in groups[(x, b)] for r in p.get("roots", [])})
+            for root in roots if len(roots) > 1 else []:  # one seed: the main fit itself
                 pair = [seed_curve(groups[(x, b)], root) for x in (m, o)]
                 if min(map(len, pair)) < 3:
                     continue
