@@ -467,6 +467,8 @@ def test_no_verdict_is_stated_from_a_curve_without_an_interior_optimum():
     cut = {**groups, ("peer", 1e13): groups[("peer", 1e13)][2:4]}
     assert table(cut) == {"PEER vs Dense 1e12": "PEER lower",
                           "PEER vs Dense 1e13": "not stated: PEER 1e13 has no optimum inside its sizes (†)"}
+    both = {**cut, ("dense", 1e13): groups[("dense", 1e13)][2:4]}
+    assert table(both)["PEER vs Dense 1e13"] == "not stated: PEER 1e13 and Dense 1e13 have no optimum inside their sizes (†)"
 
 
 def test_fit_choices_without_an_optimum_are_listed_and_left_out_of_the_ranges():

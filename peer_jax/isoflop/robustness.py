@@ -265,7 +265,8 @@ def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, st
         r = v["range"]
         blocked = [f"{method_names.get(m, m)} {b}" for m in (REFERENCE, o) if f"{m}@{b}" in edge]
         if blocked:
-            held[k] = f"not stated: {', '.join(blocked)} has no optimum inside its sizes (†)"
+            held[k] = (f"not stated: {' and '.join(blocked)} {'has' if len(blocked) == 1 else 'have'} no optimum "
+                       f"inside {'its' if len(blocked) == 1 else 'their'} sizes (†)")
             continue
         if r is None:
             held[k] = "not stated: no fit choice has an optimum on both sides"
