@@ -87,7 +87,10 @@ def test_rerun_grid_applies_the_width_rule_key_group_warmup_floor_and_curves():
     from peer_jax import gin_utils
 
     grid = grids.GRIDS["mini3"]
-    assert grid.budgets == grids.MINI2.budgets and [m.name for m in grid.methods] == [m.name for m in grids.MINI2.methods]
+    # mini2's shapes, plus L1 d24 at 3e12 (PEER's seed-0 3e12 optimum lay below L1 d32)
+    assert {b: s for b, s in grid.budgets.items() if b != 3e12} == {b: s for b, s in grids.MINI2.budgets.items() if b != 3e12}
+    assert grid.budgets[3e12] == (grids.Shape(1, 24, 1),) + grids.MINI2.budgets[3e12]
+    assert [m.name for m in grid.methods] == [m.name for m in grids.MINI2.methods]
     points = json.loads((REPO / "configs/isoflop/mini3/grid.json").read_text())["points"]
     seen_floor = seen_cap = False
     for e in points:

@@ -274,8 +274,10 @@ MINI2 = dataclasses.replace(
 # * about 10 evals per run on the first 8 batches of each set (validation curves), the final
 #   eval on the same 96 batches as mini2's points, plus `kjv_novel` (KJV validation without the
 #   verses that repeat training text).
-# Shapes and budgets as mini2. Bindings beyond mini2 are written only into the points that need
-# them (dense and MoE points have no optimizer groups, so their optimizer is mini2's).
+# Shapes and budgets as mini2, plus L1 d24 at 3e12: under this recipe PEER's seed-0 3e12 loss was
+# lowest at the smallest shape, L1 d32 (vertex below it), and PKM's and MoE's at the next, L1 d48.
+# Bindings beyond mini2 are written only into the points that need them (dense and MoE points
+# have no optimizer groups, so their optimizer is mini2's).
 KEYS_GROUP = ("optim.make_optimizer.param_groups", {"keys": {"lr_scale": 0.1}})
 KEYS_GROUP_METHODS = ("peer",)
 MINI3 = dataclasses.replace(
@@ -285,6 +287,7 @@ MINI3 = dataclasses.replace(
                   for m in MINI2.methods),
     train=tuple((k, ["kjv", "kjv_novel", "shakespeare", "pydoc"] if k == "eval_tasks" else 8 if k == "eval_batches"
                  else v) for k, v in MINI2.train) + (("final_eval_batches", 96),),
+    budgets={**MINI2.budgets, 3e12: _shapes((1, 24, 1)) + MINI2.budgets[3e12]},
     lr_base_width=64,
     warmup_fraction=0.05,
     min_warmup=100,
