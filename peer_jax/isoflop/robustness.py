@@ -279,7 +279,7 @@ def verdicts_held(rob: dict, fits, method_names: dict[str, str]) -> dict[str, st
 
 
 def _families(rob: dict) -> str:
-    """The fit variants present in `rob`, in words (Approach 3 needs 6 observations per method)."""
+    """The fit variants present in `rob`, in words (Approach 3 needs 2 budgets of 3 sizes per method)."""
     names = {k for v in rob["curves"].values() for k in v["variants"]}
     windows = sorted(int(n[len("a2_window"):]) for n in names if n.startswith("a2_window"))
     out = [f"Approach 2 windows {' / '.join(map(str, windows))}"] if windows else []
