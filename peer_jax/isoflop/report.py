@@ -214,8 +214,8 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
     if len(hosts) > 1:
         lines += ["", "Runs from " + str(len(hosts)) + " CPU models: " + "; ".join(
             f"{m}: {n} runs ({', '.join(by)})" for m, (n, by) in hosts.items()) + ". A run re-runs bit for bit "
-            "only on its own CPU model (docs/reproducibility.md); across models its losses differ like a rerun "
-            "with perturbed arithmetic, not like another seed (same init and data order)."]
+            "only on its own CPU model; on another it drifts, for a routed model by about as much as a change of "
+            "seed (docs/reproducibility.md, \"The drift between hosts\")."]
     legend = [f"{METHOD_NAMES[m]}: {METHOD_LONG[m]}" for m in METHOD_LONG if any(f.method == m for f in fits)]
     if legend:
         lines += [""] + ["- " + x for x in legend]
