@@ -1,7 +1,7 @@
 """Fits isoFLOP curves to finished sweep runs, with bootstrap intervals over seeds.
 
-    python scripts/fit_isoflop.py --root results/isoflop_mini2/seed0 --root results/isoflop_mini2/seed1 \
-        --root results/isoflop_mini2/seed2 --out results/isoflop_mini2/fit
+    python scripts/fit_isoflop.py --root results/isoflop_mini3/seed0 --root results/isoflop_mini3/seed1 \
+        --root results/isoflop_mini3/seed2 --out results/isoflop_mini3/fit --unique_tokens 4010368
 
 One `--root` per seed. `--help` for the flags; what it reads and writes: `peer_jax/isoflop/report.py`;
 the estimates: `peer_jax/isoflop/fit.py`; the intervals: `peer_jax/isoflop/bootstrap.py`.

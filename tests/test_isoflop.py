@@ -371,6 +371,17 @@ def test_one_seed_gives_no_intervals_and_seeds_resample_per_point():
     assert by[("dense", 3e12)].ci95 is not None
     lo, hi = by[("peer", 1e12)].ci95["optimal_loss"]["kjv"]
     assert lo < hi and set(by[("peer", 1e12)].p_peer_lower) == {"dense"}
+    # A one-seed size inside the fitted window withholds the interval (it could not move); outside
+    # the window (window 3 around the best size, 1e5) it does not.
+    for window, single, has_ci in ((3, 0, True), (3, 2, False), (None, 0, False)):
+        g = _seeded_groups(rng, truth=truth, budgets=(1e12,), seeds=3)
+        g[("peer", 1e12)][single]["loss"]["kjv"] = g[("peer", 1e12)][single]["loss"]["kjv"][:1]
+        (f,), _ = bootstrap.fit_all(g, ["kjv"], "active_non_embedding", bootstrap_samples=20, parametric=False,
+                                    window=window)
+        assert (f.seeds, f.window_seeds) == (3, 3 if has_ci else 1) and (f.ci95 is not None) == has_ci
+        (f,), _ = bootstrap.fit_all(g, ["kjv"], "active_non_embedding", bootstrap_samples=20, parametric=False,
+                                    window=window, partial_replicates=True)  # mini2's rule: any replicate
+        assert f.ci95 is not None
     groups = _seeded_groups(rng, truth=truth, seeds=3)
     sample = bootstrap.resample_seeds(groups, np.random.default_rng(1))
     for key, pts in groups.items():
@@ -389,6 +400,7 @@ def test_parametric_fit_recovers_a_known_loss_surface_and_its_optimum():
     fitted, optima = fit.approach3(groups, "kjv", "peer")
     for k, v in dict(E=E, A=A, alpha=alpha, B=B, beta=beta).items():
         assert fitted[k] == pytest.approx(v, rel=2e-3), k
+    assert fitted["at_bound"] == []
     for b in budgets:
         ns = np.exp(np.linspace(math.log(1e4), math.log(1e6), 4000))
         true_opt = float(np.min(law(ns, b / (6 * ns))))
@@ -437,8 +449,11 @@ def test_robustness_ranges_recover_a_shared_e_and_sign_a_clear_verdict():
     for b in ("1e12", "3e12", "1e13"):
         v = rob["verdicts"][f"peer-vs-dense@{b}"]
         assert {"a2_window3", "a2_window5", "a2_all", "a3", "a3_shared_E", "a3_data_constrained"} <= set(v["variants"])
-        # the ≤ 4-epoch refit exists where some size trains longer (the smallest: 1.7, 5 and 17 epochs)
-        assert ("a2_max4_epochs" in v["variants"]) == (b != "1e12")
+        # the ≤ 4-epoch refit (the smallest size: 1.7, 5 and 17 epochs); at 1e12 every size qualifies,
+        # so the variant is the main fit, kept so that no verdict loses it
+        assert "a2_max4_epochs" in v["variants"]
+        if b == "1e12":
+            assert v["variants"]["a2_max4_epochs"] == v["variants"]["a2_window5"]
         assert any(k.startswith("a2_drop_") for k in v["variants"])
         assert v["range"][1] < 0
         lo, hi = rob["curves"][f"peer@{b}"]["range"]
@@ -521,6 +536,15 @@ def test_the_max_4_epochs_variant_fits_only_sizes_of_at_most_4_epochs():
     assert variants["a2_max4_epochs"] == pytest.approx(1.5, abs=1e-9)
     assert abs(variants["a2_all"] - 1.5) > 1e-3
     assert "a2_max4_epochs" not in robustness.robustness(groups, ["kjv"], "active_non_embedding")["curves"]["peer@1e12"]["variants"]
+    # Fewer than 3 sizes of ≤ 4 epochs: the variant is there without an optimum, so a verdict
+    # against a curve that has one counts it as left out instead of dropping it unseen.
+    groups.update(_seeded_groups(np.random.default_rng(0), method="dense", budgets=(1e12,), sizes=sizes, seeds=1,
+                                 noise=0.0, truth=lambda n, d, b: 1.6 + 0.1 * math.log(n / 4e4) ** 2))
+    rob = robustness.robustness(groups, ["kjv"], "active_non_embedding", unique_tokens=unique / 3)
+    assert rob["curves"]["peer@1e12"]["variants"]["a2_max4_epochs"] is None
+    assert "a2_max4_epochs" in rob["curves"]["peer@1e12"]["without_optimum"]
+    assert "a2_max4_epochs" in rob["verdicts"]["peer-vs-dense@1e12"]["without_optimum"]
+    json.dumps(rob, allow_nan=False)  # the fit JSON stays strict JSON
 
 
 def test_table_flags_unequal_seeds_and_shares_from_a_curve_without_an_optimum():
@@ -532,7 +556,10 @@ def test_table_flags_unequal_seeds_and_shares_from_a_curve_without_an_optimum():
     groups[("dense", 1e12)][0]["loss"]["kjv"] = groups[("dense", 1e12)][0]["loss"]["kjv"][:1]
     groups.update(_seeded_groups(rng, method="peer", budgets=(1e12,), seeds=2, noise=0.01,
                                  truth=lambda n, d, b: 1.5 - 0.02 * math.log(n)))
-    fits, _ = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=20, parametric=False)
+    # window 3: Dense's one-seed size (the smallest) lies outside its fitted window, so it keeps its interval
+    fits, _ = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=20, parametric=False,
+                                window=3)
+    assert all(f.ci95 is not None for f in fits)
     table = report.markdown_table(fits, ["kjv"], "active_non_embedding")
     assert "Seeds per size differ within Dense 1e12 (1–2):" in table and "PEER 1e12 (" not in table
     assert re.search(r"\| 1e12 \| \d\.\d\d † \|", table)
@@ -546,6 +573,48 @@ def test_seed_curve_keeps_each_points_value_from_that_root():
     got = robustness.seed_curve(pts, "r/seed2")
     assert [(p["name"], p["loss"]["kjv"], p["roots"]) for p in got] == [("a", [3.0], ["r/seed2"]), ("b", [5.0], ["r/seed2"])]
     assert [p["name"] for p in robustness.seed_curve(pts, "r/seed1")] == ["a"]
+
+
+def test_each_seed_alone_only_for_seeds_that_ran_every_size():
+    """A seed that missed a size would be fitted over another range of sizes than the others, so
+    its per-seed verdict is left out rather than compared."""
+    rng = np.random.default_rng(0)
+    groups = {}
+    for method, shift in (("peer", -0.1), ("dense", 0.0)):
+        groups.update(_seeded_groups(rng, method=method, budgets=(1e12,), seeds=3, noise=0.005,
+                                     truth=lambda n, d, b, s=shift: 1.6 + s + 0.05 * (math.log(n) - math.log(1e5)) ** 2))
+    roots = ["r/seed0", "r/seed1", "r/seed2"]
+    for pts in groups.values():
+        for p in pts:
+            p["roots"] = list(roots)
+    last = groups[("dense", 1e12)][-1]  # seed 1 did not run dense's largest size
+    last["loss"]["kjv"], last["roots"] = [last["loss"]["kjv"][0], last["loss"]["kjv"][2]], ["r/seed0", "r/seed2"]
+    per_seed = robustness.robustness(groups, ["kjv"], "active_non_embedding")["verdicts"]["peer-vs-dense@1e12"]["per_seed"]
+    assert set(per_seed) == {"seed0", "seed2"}
+    assert all(d == pytest.approx(-0.1, abs=0.03) for d in per_seed.values())
+
+
+def test_parametric_fit_flags_constants_on_a_bound_and_counts_failed_refits_once(monkeypatch):
+    """Data with no irreducible loss (E = 0) pin E to its lower bound: the fit says so. A refit that
+    fails in a bootstrap sample is one failure, however many budgets the method has."""
+    law = lambda n, d, b: 40.0 / n**0.35 + 60.0 / d**0.3
+    groups = _seeded_groups(np.random.default_rng(0), budgets=(1e12, 3e12, 1e13), seeds=2, noise=0.0, truth=law)
+    fitted, _ = fit.approach3(groups, "kjv", "peer")
+    assert "E" in fitted["at_bound"] and fitted["E"] < 1e-4 * min(min(p["loss"]["kjv"]) for g in groups.values() for p in g)
+    assert fitted["alpha"] == pytest.approx(0.35, rel=1e-2) and "alpha" not in fitted["at_bound"]
+    calls = []
+
+    def refit_fails(groups, primary, method, starts=None):
+        calls.append(starts)
+        if starts is not None:  # the bootstrap's refits; the full-data fit passes no starts
+            raise RuntimeError("no fit")
+        return fit.approach3(groups, primary, method)
+
+    monkeypatch.setattr(bootstrap, "approach3", refit_fails)
+    fits, params = bootstrap.fit_all(groups, ["kjv"], "active_non_embedding", bootstrap_samples=5, parametric_samples=4)
+    assert params["peer"]["bootstrap_failures"] == 4 and len(calls) == 1 + 4
+    table = report.markdown_table(fits, ["kjv"], "active_non_embedding", params)
+    assert "Constants on a bound of the fit: PEER (E)." in table
 
 
 def test_fit_script_with_two_seed_roots_writes_intervals_and_comparisons(tmp_path):

@@ -5,10 +5,13 @@ with replacement (as many draws as it has seeds) and the estimates are recompute
 the rules of `peer_jax.isoflop.fit` (fallbacks included): Approach 2 in every sample, Approach 3 in the first
 `--bootstrap_parametric` (default 200; each refit starts from the full-data solution and one
 other point). `ci95` is the 2.5–97.5 % percentile interval.
-Intervals and comparisons are given only for curves (method × budget) with at least one point
-run with two or more seeds; a curve of single-seed points gets none (null), whatever other
-curves have. PEER is compared with every other method at every budget: the fraction of bootstrap samples
-in which PEER's compute-optimal loss is lower (samples of different methods are independent
+Intervals and comparisons are given only for curves (method × budget) whose every point in the
+fitted window was run with two or more seeds; any other curve gets none (null), whatever other
+curves have: a point of one seed never moves in the resampling, so its interval would read as
+more certain than the runs are (`--partial_replicates` restores the older rule, intervals for
+a curve with any replicated point, which the mini2 study's committed fit used). PEER is compared
+with every other method at every budget: the fraction of bootstrap samples in which PEER's
+compute-optimal loss is lower (samples of different methods are independent
 runs, so sample i of one is paired with sample i of the other). Two seeds give crude intervals
 (each point's mean takes only 3 values); they measure seed noise of the runs, not the choice
 of shapes or budgets.
@@ -103,12 +106,15 @@ def p_lower(a: list, b: list) -> float | None:
 
 def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int = 0, seed: int = 0,
             parametric: bool = True, parametric_samples: int | None = None,
-            window: int | None = None) -> tuple[list[Fit], dict]:
+            window: int | None = None, partial_replicates: bool = False) -> tuple[list[Fit], dict]:
     """Approach 2 per (method, budget) and Approach 3 per method, with bootstrap intervals and
-    PEER's comparisons. Returns (fits, {method: parametric fit with its ci95})."""
+    PEER's comparisons. Returns (fits, {method: parametric fit with its ci95}).
+    `partial_replicates`: give a curve intervals as soon as one of its points has 2 seeds (the
+    rule of the mini2 study's committed fit; such intervals understate the seed noise)."""
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     keys = sorted(groups, key=lambda k: (k[1], order.get(k[0], 99), k[0]))
     fits = [fit_group(m, b, groups[(m, b)], tasks, params_kind, window) for m, b in keys]
+    replicated = (lambda f: f.seeds >= 2) if partial_replicates else (lambda f: f.window_seeds >= 2)
     by_key = {(f.method, f.budget): f for f in fits}
     primary = tasks[0]
     params: dict[str, dict] = {}
@@ -120,15 +126,14 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
             params[m] = fitted
             for b, opt in optima.items():
                 by_key[(m, b)].approach3 = dict(opt)
-    seeds = max(f.seeds for f in fits)
-    if bootstrap_samples <= 0 or seeds < 2:
+    if bootstrap_samples <= 0 or not any(map(replicated, fits)):
         return fits, params
     starts = {m: tuple(p["x"]) for m, p in params.items()}
     n3 = bootstrap_samples if parametric_samples is None else min(parametric_samples, bootstrap_samples)
     samples = bootstrap(groups, tasks, params_kind, bootstrap_samples, seed, parametric=n3 if params else 0,
                         parametric_starts=starts, window=window)
     for f in fits:
-        if f.seeds < 2:  # no point of this curve has a replicate: resampling cannot move it
+        if not replicated(f):  # a window point without a replicate: resampling cannot move it
             continue
         s = samples[(f.method, f.budget)]
         f.ci95 = intervals_approach2(s["approach2"], tasks)
@@ -138,15 +143,16 @@ def fit_all(groups, tasks: list[str], params_kind: str, bootstrap_samples: int =
             f.approach3["ci95"] = intervals_approach3(ok)
             f.approach3["bootstrap_at_edge"] = float(np.mean([x["at_edge"] for x in ok])) if ok else None
     for m in params:  # intervals of the fitted constants themselves are not kept: E, A, α trade off
-        params[m]["bootstrap_failures"] = sum(
-            x is None for (mm, _), s in samples.items() if mm == m for x in s["approach3"])
+        # one refit per sample gives every budget's optimum: count the samples, not the budgets
+        first = next(key for key in samples if key[0] == m)
+        params[m]["bootstrap_failures"] = sum(x is None for x in samples[first]["approach3"])
     for f in fits:
-        if f.method != REFERENCE or f.seeds < 2:
+        if f.method != REFERENCE or not replicated(f):
             continue
         ref = samples[(f.method, f.budget)]
         f.p_peer_lower = {}
         for g in fits:
-            if g.budget != f.budget or g.method == REFERENCE or g.seeds < 2:
+            if g.budget != f.budget or g.method == REFERENCE or not replicated(g):
                 continue
             other = samples[(g.method, g.budget)]
             cmp = {"approach2": {t: p_lower([x["optimal_loss"].get(t) for x in ref["approach2"]],

@@ -85,6 +85,7 @@ class Fit:
     from_fit: bool  # False: best observed point (too few sizes, non-convex or vertex outside)
     note: str = ""
     seeds: int = 1  # most seeds of any point
+    window_seeds: int = 1  # fewest seeds of a point in the fitted window (bootstrap intervals need ≥ 2)
     ci95: dict | None = None  # bootstrap percentile intervals of the estimates above
     bootstrap_from_fit: float | None = None  # share of bootstrap samples whose estimate is a vertex
     approach3: dict | None = None  # the parametric estimate at this budget, with its ci95
@@ -142,14 +143,16 @@ def fit_group(method: str, budget: float, points: list[dict], tasks: list[str], 
     # Tokens at the optimum: interpolate ln(tokens) linearly in ln(params) between the runs.
     tokens = math.exp(np.interp(u_star, u_pts, np.log([p["tokens"] for p in points])))
     n_star = math.exp(u_star) if from_fit else points[best]["params"]
-    seeds = max(len(as_list(p["loss"][primary])) for p in points)
+    counts = [len(as_list(p["loss"][primary])) for p in points]
     return Fit(method, budget, params_kind, points, [points[i]["name"] for i in sel], coeffs, n_star, tokens, loss,
-               {t: math.exp(v) for t, v in loss.items()}, from_fit, note, seeds)
+               {t: math.exp(v) for t, v in loss.items()}, from_fit, note, max(counts),
+               min(counts[i] for i in sel))
 
 
 # ----------------------------------------------------------------------------- Approach 3: L(N, D)
 
 HUBER_DELTA = 1e-3
+PARAMETRIC_NAMES = ("E", "A", "alpha", "B", "beta")  # the order of the raw solution x (A, B as logs)
 
 
 def _parametric_loss(x, log_n, log_d):
@@ -203,8 +206,13 @@ def fit_parametric(n, d, loss, starts: list | None = None) -> dict:
         raise RuntimeError("the parametric fit failed from every starting point")
     e, a, alpha, b, beta = (float(v) for v in best.x)
     pred = np.exp(_parametric_loss(best.x, log_n, log_d))
+    # A constant pinned to a bound (E = 0, an exponent at 0 or 3) means the data do not identify
+    # it: the other constants absorb it, and only the fitted surface, not the constants, is read.
+    tol = 1e-4 * (hi - lo)  # within 0.01 % of the allowed range
+    at_bound = [name for name, v, l, h, t in zip(PARAMETRIC_NAMES, best.x, lo, hi, tol)
+                if v - l <= t or h - v <= t]
     return {"E": e, "A": math.exp(a), "alpha": alpha, "B": math.exp(b), "beta": beta, "x": [float(v) for v in best.x],
-            "rmse": float(np.sqrt(np.mean((pred - y) ** 2))), "n_obs": int(len(y))}
+            "rmse": float(np.sqrt(np.mean((pred - y) ** 2))), "n_obs": int(len(y)), "at_bound": at_bound}
 
 
 def parametric_optimum(fitted: dict, budget: float, flops_fn, n_range: tuple[float, float],

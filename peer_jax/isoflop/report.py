@@ -1,7 +1,7 @@
 """Fits isoFLOP curves to finished sweep runs, with bootstrap intervals over seeds.
 
-    python scripts/fit_isoflop.py --root results/isoflop_mini2/seed0 --root results/isoflop_mini2/seed1 \
-        --root results/isoflop_mini2/seed2 --out results/isoflop_mini2/fit
+    python scripts/fit_isoflop.py --root results/isoflop_mini3/seed0 --root results/isoflop_mini3/seed1 \
+        --root results/isoflop_mini3/seed2 --out results/isoflop_mini3/fit --unique_tokens 4010368
 
 Reads ROOT/*/summary.json (written by scripts/isoflop_sweep.py, or by its `--summarize` for
 runs trained elsewhere; points with status 'done'). **Each `--root` is one seed of the grid**:
@@ -134,7 +134,8 @@ def host_counts(fits: list[Fit]) -> dict[str, tuple[int, list[str]]]:
     return out
 
 
-def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametric: dict | None = None) -> str:
+def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametric: dict | None = None,
+                   partial_replicates: bool = False) -> str:
     cols = sorted(tasks, key=lambda t: (COLUMN_ORDER.index(t) if t in COLUMN_ORDER else len(COLUMN_ORDER), t))
     seeds = max(f.seeds for f in fits)
     ci_note = " [bootstrap 95 % interval over seeds]" if any(f.ci95 for f in fits) else ""
@@ -162,8 +163,11 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
             uneven.append(f"{label(f)} ({min(counts)}–{max(counts)})")
     if uneven:
         lines += ["", "Seeds per size differ within " + "; ".join(uneven) + ": the best size and the window are "
-                  "chosen on means over different seeds (a seed's offset moves only the sizes it covers), and a "
-                  "size with one seed does not move in the bootstrap, so these intervals understate seed noise."]
+                  "chosen on means over different seeds (a seed's offset moves only the sizes it covers); " + (
+                      "a size with one seed does not move in the bootstrap, so these intervals understate seed noise "
+                      "(--partial_replicates)." if partial_replicates else
+                      "a curve with a one-seed size in its fitted window gets no bootstrap interval (that size "
+                      "could not move).")]
     if unstable:
         lines += ["", "Bootstrap samples that fell back to the best observed point (vertex outside the range or "
                   "non-convex): " + "; ".join(unstable) + "."]
@@ -183,6 +187,12 @@ def markdown_table(fits: list[Fit], tasks: list[str], params_kind: str, parametr
             for m, p in parametric.items():
                 lines.append(f"| {METHOD_NAMES.get(m, m)} | {p['E']:.3f} | {p['A']:.3g} | {p['alpha']:.3f} "
                              f"| {p['B']:.3g} | {p['beta']:.3f} | {p['rmse']:.4f} | {p['n_obs']} |")
+            bound = [f"{METHOD_NAMES.get(m, m)} ({', '.join(p['at_bound'])})" for m, p in parametric.items()
+                     if p.get("at_bound")]
+            if bound:
+                lines += ["", "Constants on a bound of the fit: " + "; ".join(bound) + ". The data do not identify "
+                          "them (the other constants absorb them): the fitted surface and its optima are read, not "
+                          "the constants."]
     cmp = [f for f in fits if f.p_peer_lower]
     if cmp:
         others = [m for m in METHOD_ORDER if m != REFERENCE and any(m in f.p_peer_lower for f in cmp)]
@@ -232,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="of those, how many also refit Approach 3 (≈ 0.2 s per method each)")
     p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--no_parametric", action="store_true", help="skip Approach 3 (the L(N, D) fit)")
+    p.add_argument("--partial_replicates", action="store_true",
+                   help="intervals for a curve with any replicated point, not only when every point of its "
+                        "window has 2+ seeds (the mini2 study's rule; such intervals understate seed noise)")
     p.add_argument("--window", type=int, default=5,
                    help="Approach 2 fits the WINDOW consecutive sizes centred on the best one (0: every size)")
     p.add_argument("--unique_tokens", type=float, default=None,
@@ -248,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     fits, parametric = fit_all(groups, tasks, args.params, args.bootstrap, args.bootstrap_seed,
                                parametric=not args.no_parametric, parametric_samples=args.bootstrap_parametric,
-                               window=args.window)
+                               window=args.window, partial_replicates=args.partial_replicates)
     out = Path(args.out or Path(args.root[0]) / "fit")
     out.mkdir(parents=True, exist_ok=True)
     for i, t in enumerate(tasks):
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     rob = robustness.robustness(groups, tasks, args.params, args.unique_tokens, args.window or None)
     for k, held in robustness.verdicts_held(rob, fits, METHOD_NAMES).items():
         rob["verdicts"][k]["holds"] = held
-    table = markdown_table(fits, tasks, args.params, parametric) + "\n" + robustness.markdown(rob, fits, METHOD_NAMES)
+    table = (markdown_table(fits, tasks, args.params, parametric, args.partial_replicates) + "\n"
+             + robustness.markdown(rob, fits, METHOD_NAMES))
     (out / "isoflop_table.md").write_text(table)
     (out / "isoflop_fit.json").write_text(json.dumps(
         {"params_kind": args.params, "eval_tasks": tasks, "roots": [str(r) for r in args.root],
@@ -265,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
          "cpu_models": {m: n for m, (n, _) in host_counts(fits).items()},
          "bootstrap": {"samples": args.bootstrap, "parametric_samples": min(args.bootstrap, args.bootstrap_parametric),
                        "seed": args.bootstrap_seed,
-                       "resampling": "seeds of each point, with replacement"},
+                       "resampling": "seeds of each point, with replacement",
+                       "intervals_for": "curves with a replicated point" if args.partial_replicates else
+                       "curves whose every window point has 2+ seeds"},
          "parametric": parametric, "robustness": rob, "fits": [dataclasses.asdict(f) for f in fits]}, indent=1))
     print(table)
     print(f"wrote {out}/isoflop.png, optimum.png, isoflop_table.md, isoflop_fit.json")

@@ -11,8 +11,9 @@ compute-optimal loss of the primary eval set under each, and their range:
   the curve while at least 3 remain (leave-one-size-out);
 * ``a2_max4_epochs``: Approach 2 (the main window) on the sizes that train for at most 4
   epochs (Muennighoff et al.: up to about 4, a repeated token is worth almost a new one), so a
-  verdict can be bounded to points whose data is not much repeated. Given only when
-  `unique_tokens` is known, some size trains for more and at least 3 sizes qualify;
+  verdict can be bounded to points whose data is not much repeated. Given when `unique_tokens`
+  is known (the main fit itself when every size qualifies; without an optimum when fewer than 3
+  do);
 * ``a3``: Approach 3, one L(N, D) per method (its own irreducible E);
 * ``a3_shared_E``: Approach 3 with one E for all methods (fitted jointly; A, α, B, β stay per
   method). E is the loss of an infinite model on infinite data, a property of the data, so a
@@ -34,7 +35,8 @@ verdict holds at the strength of that range (e.g. "lower under every fit choice"
 whole range is below 0), and says how many fit choices it left out.
 
 Next to it, each verdict is refitted on **each seed alone** (`per_seed`: PEER's and the other
-method's curves as run under one sweep root, the main Approach 2 fit, where each has 3 sizes):
+method's curves as run under one sweep root, the main Approach 2 fit, for a seed that ran every
+size of both curves):
 the bootstrap resamples seeds per point, as if a seed's offset were independent across sizes;
 one seed's curves fitted together keep that seed's offsets together.
 """
@@ -171,11 +173,13 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
         for w in sorted({3, 5, 0, window or 0}, key=lambda v: v or 99):  # 0: every size
             f = fit_group(key[0], key[1], pts, tasks, params_kind, w or None)
             put(key, _a2_name(w), f.optimal_loss[primary], f.from_fit)
-        if unique_tokens:
+        if unique_tokens:  # every curve gets the variant, so no verdict loses it for want of a partner
             fresh = [p for p in pts if p["tokens"] <= MAX_EPOCHS * unique_tokens]
-            if 3 <= len(fresh) < len(pts):
+            if len(fresh) >= 3:  # with every size fresh, the main fit itself
                 f = fit_group(key[0], key[1], fresh, tasks, params_kind, window)
                 put(key, "a2_max4_epochs", f.optimal_loss[primary], f.from_fit)
+            else:
+                put(key, "a2_max4_epochs", None, False)
         if len(pts) > 3:
             for p in pts:
                 rest = [q for q in pts if q is not p]
@@ -205,7 +209,7 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
 
     def summary(variants: dict[str, float], without: set[str]) -> dict:
-        vals = [v for k, v in variants.items() if np.isfinite(v) and k not in without]
+        vals = [v for k, v in variants.items() if v is not None and np.isfinite(v) and k not in without]
         return {"variants": variants, "without_optimum": sorted(without),
                 "range": [min(vals), max(vals)] if vals else None}
 
@@ -221,7 +225,8 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
             ref_no, other_no = no_opt[(m, b)], no_opt[(o, b)]
             # leave-one-size-out variants drop different points on each side: pair them as the
             # range of either side's variants against the other's main fit
-            diffs = {k: ref[k] - other[k] for k in ref if k in other and not k.startswith("a2_drop_")}
+            diffs = {k: None if ref[k] is None or other[k] is None else ref[k] - other[k]
+                     for k in ref if k in other and not k.startswith("a2_drop_")}
             without = {k for k in diffs if k in ref_no or k in other_no}
             for k, v in ref.items():
                 if k.startswith("a2_drop_") and main in other:
@@ -239,8 +244,8 @@ def robustness(groups: dict, tasks: list[str], params_kind: str, unique_tokens: 
             roots = sorted({r for x in (m, o) for p in groups[(x, b)] for r in p.get("roots", [])})
             for root in roots if len(roots) > 1 else []:  # one seed: the main fit itself
                 pair = [seed_curve(groups[(x, b)], root) for x in (m, o)]
-                if min(map(len, pair)) < 3:
-                    continue
+                if [len(c) for c in pair] != [len(groups[(x, b)]) for x in (m, o)]:
+                    continue  # a seed that missed a size would be fitted over another range of sizes
                 f_ref, f_other = (fit_group(x, b, c, tasks, params_kind, window) for x, c in zip((m, o), pair))
                 per_seed[Path(root).name] = (f_ref.optimal_loss[primary] - f_other.optimal_loss[primary]
                                              if f_ref.from_fit and f_other.from_fit else None)
@@ -324,7 +329,7 @@ def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
         lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {cell} | {held[k]} |" + (f" {per} |" if seeds else ""))
     if seeds:
         lines += ["", "Each seed alone: the main Approach 2 fit of PEER's and the other method's curves as run under "
-                  "one seed root (sizes that seed has, at least 3), PEER − other; \"no optimum\" where either "
+                  "one seed root (a seed that ran every size of both curves), PEER − other; \"no optimum\" where either "
                   "curve's vertex falls back to its best observed point. The seeds differ in init and data order; a "
                   "sign that holds in each does not rest on one seed's draw."]
     return "\n".join(lines) + "\n"
