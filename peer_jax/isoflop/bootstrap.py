@@ -58,6 +58,10 @@ def bootstrap(groups: dict, tasks: list[str], params_kind: str, num_samples: int
     rng = np.random.default_rng(seed)
     out = {key: {"approach2": [], "approach3": []} for key in groups}
     methods = sorted({m for m, _ in groups})
+    # median ln N and ln D of each method's points: where the second start matches the solution
+    medians = {m: (float(np.median([math.log(p["params"]) for (mm, _), ps in groups.items() if mm == m for p in ps])),
+                   float(np.median([math.log(p["tokens"]) for (mm, _), ps in groups.items() if mm == m for p in ps])))
+               for m in methods}
     for i in range(num_samples):
         g = resample_seeds(groups, rng)
         for key, pts in g.items():
@@ -71,8 +75,10 @@ def bootstrap(groups: dict, tasks: list[str], params_kind: str, num_samples: int
                 continue  # no full-data Approach 3 fit (too few observations): no interval to give
             starts = None
             if parametric_starts and m in parametric_starts:
-                x = parametric_starts[m]  # the full-data solution, and two others against local minima
-                starts = [x, (0.5 * x[0], x[1], 0.5, x[3], 0.5)]
+                # the full-data solution, and one with half its E and both exponents at 0.5 (each
+                # term rescaled to its value at the median size and data) against local minima
+                x, (mn, md) = parametric_starts[m], medians[m]
+                starts = [x, (0.5 * x[0], x[1] + (0.5 - x[2]) * mn, 0.5, x[3] + (0.5 - x[4]) * md, 0.5)]
             try:
                 _, optima = approach3(g, tasks[0], m, starts)
             except RuntimeError:
