@@ -329,7 +329,7 @@ def markdown(rob: dict, fits, method_names: dict[str, str]) -> str:
         lines.append(f"| PEER vs {method_names.get(o, o)} {b} | {cell} | {held[k]} |" + (f" {per} |" if seeds else ""))
     if seeds:
         lines += ["", "Each seed alone: the main Approach 2 fit of PEER's and the other method's curves as run under "
-                  "one seed root (a seed that ran every size of both curves), PEER − other; \"no optimum\" where either "
-                  "curve's vertex falls back to its best observed point. The seeds differ in init and data order; a "
-                  "sign that holds in each does not rest on one seed's draw."]
+                  "one seed root (a seed that ran every size of both curves), PEER − other; \"no optimum\" "
+                  "where either curve's vertex falls back to its best observed point. The seeds differ in init and "
+                  "data order; a sign that holds in each does not rest on one seed's draw."]
     return "\n".join(lines) + "\n"
