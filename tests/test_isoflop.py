@@ -123,7 +123,7 @@ def test_verse_grid_trains_each_methods_mini2_optimum_with_mini3s_recipe_on_vers
     assert sorted(e["method"] for e in points) == sorted(m.name for m in grid.methods)
     for e in points:
         results = {}
-        for path in (REPO / "results/isoflop_mini2/seed0").glob(f"{e['method']}_1e13_*/result.json"):
+        for path in (REPO / "results/superseded/isoflop_mini2/seed0").glob(f"{e['method']}_1e13_*/result.json"):
             results[path.parent.name] = json.loads(path.read_text())["eval/kjv/loss"]
         assert e["name"] == min(results, key=results.get), e["method"]
         text = (REPO / e["gin_file"]).read_text()

@@ -302,7 +302,7 @@ MINI3 = dataclasses.replace(
 # Issue 25, item 3: the 1e13 optima retrained on a corpus that no point repeats.
 # `gutenberg_verse` (peer_jax/data/verse.py) holds about 26 × the KJV training split, so a
 # 1e13 point reads a fraction of an epoch (grid.md, column `epochs`). mini3's recipe; one shape
-# per method, mini2's seed-0 1e13 optimum (results/isoflop_mini2/seed0: the lowest final KJV
+# per method, mini2's seed-0 1e13 optimum (results/superseded/isoflop_mini2/seed0: the lowest final KJV
 # loss of the method's 1e13 shapes); MoE-EC is left out (last at every budget). Evaluated on
 # verse validation and, out of domain, on KJV, Shakespeare and pydoc.
 VERSE13_SHAPES = {"dense": Shape(2, 64, 2), "moe_dropless": Shape(2, 64, 2), "pkm": Shape(2, 64, 2),

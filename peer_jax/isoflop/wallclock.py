@@ -1,7 +1,7 @@
 """Iso-wall-clock view of an isoFLOP budget: final eval loss against predicted CPU training time.
 
     python -m peer_jax.isoflop.wallclock --timing benchmarks/results/isoflop_step_time/mini2_1e13.json \
-        --root results/isoflop_mini2/seed0 --root results/isoflop_mini2/seed1 --out OUT
+        --root results/superseded/isoflop_mini2/seed0 --root results/superseded/isoflop_mini2/seed1 --out OUT
 
 The isoFLOP fit compares methods at equal training FLOPs; this compares them at equal time on
 the machine the step times were measured on. The timing JSON is what
